@@ -13,9 +13,30 @@ from shotstream.pipeline import ShotStreamPipeline
 from shotstream.story import StoryError, parse_story_json
 from shotstream.vae import to_uint8
 
-WORDS = (
-    ["a", "red", "circle", "and", "blue", "square", "in", "the", "meadow", "desert", ".", "shot0", "shot1", "shot2", "shot3", ":", "close", "-", "up", "of", "bounces", "wide"]
-)
+WORDS = [
+    "a",
+    "red",
+    "circle",
+    "and",
+    "blue",
+    "square",
+    "in",
+    "the",
+    "meadow",
+    "desert",
+    ".",
+    "shot0",
+    "shot1",
+    "shot2",
+    "shot3",
+    ":",
+    "close",
+    "-",
+    "up",
+    "of",
+    "bounces",
+    "wide",
+]
 CAPTION = "A red circle and a blue square in the meadow."
 PROMPTS = ["Close-up of the circle bounces.", "Wide shot of the square moves left.", "Close-up of the square."]
 
