@@ -228,6 +228,7 @@ class ShotStreamPipeline:
         for chunk in range(preset.chunks_per_shot):
             tic = time.perf_counter()
             x0 = next(rollout)  # (1, C, f, h, w)
+            _synchronize(self.device)  # honest per-stage timings on accelerators (decode syncs anyway)
             toc = time.perf_counter()
             pixels = decoder.decode(x0)  # (1, 3, t, H, W) in [-1, 1]
             kept |= {i: pixels[0, :, i - start] for i in range(start, start + pixels.shape[2]) if i in keep}
@@ -247,6 +248,11 @@ class ShotStreamPipeline:
         latents = self.vae.encode_frames(torch.stack([kept[i] for i in indices]))  # (1, C, n, h, w)
         frame_latents = {i: latents[0, :, n].float().cpu().clone() for n, i in enumerate(indices)}  # own storage
         return ShotMemory(prompt, self.preset.pixel_frames_per_shot, frame_latents)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def _transformer_kwargs(preset: ShotStreamPreset) -> dict:
