@@ -1,0 +1,1 @@
+"""Training: the toy world, teacher tuning, ODE init and DMD distillation."""
