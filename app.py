@@ -473,6 +473,11 @@ def main(argv: list[str] | None = None) -> None:
         "--model", choices=MODELS, default=default_model(), help="$SHOTSTREAM_MODEL, else shotstream on a Space, tiny"
     )
     args = parser.parse_args(argv)
+    missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+    if missing:  # Gradio's streaming video remuxes every chunk with both
+        raise SystemExit(
+            f"streaming video needs {' and '.join(missing)} on PATH: `apt-get install ffmpeg` (Debian/Ubuntu)"
+        )
     pipe, about = load_pipeline(args.model)
     create_demo(pipe, about).launch(max_file_size=MAX_JSON_BYTES)
 
