@@ -1,0 +1,184 @@
+"""The ShotStream training recipe: every stage in order, each feeding the next (reference §5).
+
+    python -m train.recipe --preset tiny --out runs/tiny
+    python -m train.recipe --preset wan2.1-1.3b --out runs/wan --stages teacher ode_pairs
+
+Stages and what they leave in `--out`:
+  toy_data     toy world only: rendered stories             the training CSV at `data.csv_path`
+  encoders     0    toy world only: tiny VAE + text encoder   the folder `encoders`
+  teacher      1    bidirectional next-shot teacher          teacher/teacher.safetensors
+  ode_pairs    2.1a teacher ODE trajectories                  ode_pairs/*.safetensors
+  ode          2.1b causal init by ODE regression             ode/student.safetensors
+  dmd_stage1   2.2.1 intra-shot self-forcing DMD              dmd_stage1/generator.safetensors
+  dmd_stage2   2.2.2 inter-shot self-forcing DMD, LoRA        dmd_stage2/generator_lora.safetensors
+  export       LoRA merged into the student; the model folder `ShotStreamPipeline.from_pretrained` reads
+A stage whose output exists is skipped; an interrupted stage resumes from its `checkpoints/last.ckpt`.
+For the 1.3B preset the VAE / text encoder (`encoders`) and the training CSV (`data.csv_path`) are inputs;
+the toy world makes both itself (stages `toy_data` and `encoders`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+
+from shotstream.pipeline import ShotStreamPipeline
+from shotstream.presets import PRESETS, ShotStreamPreset, get_preset
+
+from .conditioning import FrozenEncoders
+from .config import DMDConfig, RecipeConfig, StepsConfig, load_config
+from .data import MultiShotDataModule
+from .dmd import DMDDistillation
+from .dmd_inter_shot import InterShotDMD, merge_student_lora
+from .factory import build_predictor, build_trainer, build_transformer, load_encoders
+from .ode import ODERegression
+from .ode_pairs import ODEPairDataModule, ODEPairWriter, TeacherSampling
+from .teacher import TeacherTuning
+from .toy_encoders import VAETraining, VideoWindows, build_toy_text_encoder, finish_encoders, new_toy_vae, window_loader
+from .toy_export import export_stories
+
+STAGES = ("toy_data", "encoders", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2", "export")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class Recipe:
+    """Runs the stages of one `RecipeConfig` into an output folder."""
+
+    def __init__(self, config: RecipeConfig, preset: ShotStreamPreset, out: Path) -> None:
+        self.config, self.preset, self.out = config, preset, out
+
+    @cached_property
+    def encoders(self) -> FrozenEncoders:
+        return load_encoders(self.config.encoders, self.preset)
+
+    def path(self, stage: str, filename: str) -> Path:
+        return self.out / stage / filename
+
+    def data(self, stories_only: bool) -> MultiShotDataModule:
+        cfg = self.config
+        return MultiShotDataModule(cfg.data.csv_path, self.preset, stories_only, cfg.seed, cfg.data.num_workers)
+
+    def transformer(self, weights: Path | str | None):
+        return build_transformer(self.preset, weights, self.config.system.gradient_checkpointing, self.config.seed)
+
+    def fit(self, module: L.LightningModule, data: L.LightningDataModule, stage: str, steps: StepsConfig) -> None:
+        trainer = build_trainer(self.config.system, steps, self.out / stage)
+        trainer.fit(module, datamodule=data, ckpt_path="last")
+
+    def toy_data(self) -> None:
+        toy, csv_path = self.config.toy_data, Path(self.config.data.csv_path)
+        export_stories(csv_path.parent, toy.stories, self.config.seed, toy.min_shots, toy.max_shots, self.preset.width)
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"train.toy_export wrote no {csv_path}: data.csv_path must end in data.csv")
+
+    def train_encoders(self) -> None:
+        """Stage 0: train the tiny VAE, then write it with the random text encoder into `encoders`."""
+        cfg, stage = self.config, self.config.encoders_stage
+        windows = VideoWindows(cfg.data.csv_path, self.preset, stage.clip_frames)
+        module = VAETraining(new_toy_vae(self.preset, cfg.seed), stage, cfg.seed)
+        trainer = build_trainer(cfg.system, stage.steps, self.out / "encoders")
+        trainer.fit(module, train_dataloaders=window_loader(windows, cfg.seed, cfg.data.num_workers), ckpt_path="last")
+        if trainer.is_global_zero:
+            text = build_toy_text_encoder(self.preset, cfg.seed)
+            finish_encoders(module.vae, text, windows, Path(cfg.encoders))
+        trainer.strategy.barrier("encoders")
+
+    def teacher(self) -> None:
+        cfg = self.config
+        module = TeacherTuning(
+            self.transformer(cfg.teacher.init_weights), self.encoders, self.preset, cfg.teacher, cfg.seed,
+            cfg.system.round_timesteps_to_bf16,
+        )  # fmt: skip
+        self.fit(module, self.data(stories_only=False), "teacher", cfg.teacher.steps)
+
+    def ode_pairs(self) -> None:
+        cfg, folder = self.config, self.out / "ode_pairs"
+        module = TeacherSampling(self.transformer(self.path("teacher", "teacher.safetensors")), self.encoders,
+                                 self.preset, cfg.seed)  # fmt: skip
+        per_device = math.ceil(cfg.ode_pairs.max_pairs / (cfg.system.devices * cfg.system.num_nodes))
+        trainer = build_predictor(cfg.system, folder, per_device, [ODEPairWriter(folder)])
+        trainer.predict(module, datamodule=self.data(stories_only=False), return_predictions=False)
+        trainer.strategy.barrier("ode_pairs")
+        if trainer.is_global_zero:
+            (folder / "COMPLETE").touch()
+
+    def ode(self) -> None:
+        cfg = self.config
+        student = self.transformer(self.path("teacher", "teacher.safetensors"))  # same names as the teacher
+        module = ODERegression(student, self.encoders, self.preset, cfg.ode, cfg.seed)
+        data = ODEPairDataModule(self.out / "ode_pairs", cfg.seed, cfg.data.num_workers)
+        self.fit(module, data, "ode", cfg.ode.steps)
+
+    def dmd(self, module_class: type[DMDDistillation], stage: str, config: DMDConfig, start: Path) -> None:
+        """A DMD stage: generator from `start`, real score and critic from the teacher."""
+        cfg, teacher = self.config, self.path("teacher", "teacher.safetensors")
+        module = module_class(
+            self.transformer(start), self.transformer(teacher), self.transformer(teacher), self.encoders,
+            self.preset, config, cfg.seed, cfg.system.round_timesteps_to_bf16,
+        )  # fmt: skip
+        self.fit(module, self.data(stories_only=module_class is InterShotDMD), stage, config.steps)
+
+    def dmd_stage1(self) -> None:
+        self.dmd(DMDDistillation, "dmd_stage1", self.config.dmd_stage1, self.path("ode", "student.safetensors"))
+
+    def dmd_stage2(self) -> None:
+        start = self.path("dmd_stage1", "generator.safetensors")  # not the released model (quirk 9)
+        self.dmd(InterShotDMD, "dmd_stage2", self.config.dmd_stage2, start)
+
+    def export(self) -> None:
+        """Merge the stage-2.2.2 generator adapters into the stage-2.2.1 student and write the model folder."""
+        student = self.transformer(self.path("dmd_stage1", "generator.safetensors"))
+        lora = self.path("dmd_stage2", "generator_lora.safetensors")
+        merge_student_lora(student, str(lora), self.config.dmd_stage2.lora)
+        pipeline = ShotStreamPipeline(self.preset, student, self.encoders.vae, self.encoders.text_encoder)
+        pipeline.save_pretrained(self.out / "model")
+
+    def stages(self) -> dict[str, tuple[Callable[[], None], Path]]:
+        """Stage name -> (runner, the output that marks it done)."""
+        cfg = self.config
+        return {
+            "toy_data": (self.toy_data, Path(cfg.data.csv_path)),
+            "encoders": (self.train_encoders, Path(cfg.encoders) / "vae" / "config.json"),
+            "teacher": (self.teacher, self.path("teacher", "teacher.safetensors")),
+            "ode_pairs": (self.ode_pairs, self.path("ode_pairs", "COMPLETE")),
+            "ode": (self.ode, self.path("ode", "student.safetensors")),
+            "dmd_stage1": (self.dmd_stage1, self.path("dmd_stage1", "generator.safetensors")),
+            "dmd_stage2": (self.dmd_stage2, self.path("dmd_stage2", "generator_lora.safetensors")),
+            "export": (self.export, self.path("model", "shotstream.json")),
+        }
+
+    def run(self, names: list[str]) -> None:
+        stages = self.stages()
+        optional = {"toy_data": self.config.toy_data, "encoders": self.config.encoders_stage}
+        for name in names:
+            runner, output = stages[name]
+            if name in optional and optional[name] is None:
+                print(f"[recipe] {name}: not part of the {self.preset.name} recipe (given as input), skipped")
+                continue
+            if output.exists():
+                print(f"[recipe] {name}: {output} exists, skipped")
+                continue
+            print(f"[recipe] {name}: running")
+            runner()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--config", type=Path, help="recipe YAML (default: train/configs/<preset>.yaml)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    args = parser.parse_args(argv)
+    config = load_config(args.config or CONFIG_DIR / f"{args.preset}.yaml")
+    if config.preset != args.preset:
+        parser.error(f"{args.config} is a config for preset {config.preset!r}")
+    Recipe(config, get_preset(config.preset), args.out).run(args.stages)
+
+
+if __name__ == "__main__":
+    main()
