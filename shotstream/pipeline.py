@@ -73,7 +73,7 @@ class ShotStreamPipeline:
         # plain nn.Module.to: the whole model in `dtype`, as the reference casts it (diffusers would warn)
         self.transformer = torch.nn.Module.to(transformer, self.device, dtype).eval().requires_grad_(False)
         self.vae = torch.nn.Module.to(vae, self.device, dtype).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(self.text_device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.text_device, dtype).eval().requires_grad_(False)
         self.table = FlowMatchTable(preset.timestep_shift)
         timesteps = self.table.warp(preset.denoising_steps)
         self.sampler = StudentSampler(self.transformer, self.table, timesteps, preset.frames_per_chunk)

@@ -181,3 +181,13 @@ def test_story_json_round_trip_and_errors(pipe):
             parse_story_json(bad, max_shots=8)
     caption, prompts = parse_story_json({"global_caption": "g", "shot1": "a", "video_path": "v.mp4"}, 8)
     assert prompts == ["a"]
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = ShotStreamPipeline.from_pretrained(tmp_path / "model")
+    _, a = pipe.generate_story(CAPTION, PROMPTS[:1], seed=2)
+    _, b = loaded.generate_story(CAPTION, PROMPTS[:1], seed=2)
+    assert np.array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="not a ShotStream model folder"):
+        ShotStreamPipeline.from_pretrained(tmp_path)
