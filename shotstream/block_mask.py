@@ -22,7 +22,5 @@ def block_causal_mask(
     num_context_frames: int, num_frames: int, frames_per_chunk: int, tokens_per_frame: int
 ) -> torch.Tensor:
     """`(L, L)` bool mask (True = may attend), `L = (Nc + F) * tokens_per_frame`, frames outermost."""
-    groups = frame_groups(num_context_frames, num_frames, frames_per_chunk).repeat_interleave(
-        tokens_per_frame
-    )
+    groups = frame_groups(num_context_frames, num_frames, frames_per_chunk).repeat_interleave(tokens_per_frame)
     return groups[:, None] >= groups[None, :]

@@ -163,9 +163,7 @@ TINY = ShotStreamPreset(
     frames_per_chunk=3,
     context_frames=6,
     fps=16,
-    transformer=TransformerConfig(
-        num_attention_heads=2, attention_head_dim=64, num_layers=4, ffn_dim=512, text_dim=64
-    ),
+    transformer=TransformerConfig(num_attention_heads=2, attention_head_dim=64, num_layers=4, ffn_dim=512, text_dim=64),
     vae=VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
     text_encoder=TextEncoderConfig(
         max_length=48, d_model=64, num_layers=2, num_heads=2, d_kv=32, d_ff=128, vocab_size=256

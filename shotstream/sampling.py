@@ -143,9 +143,7 @@ def teacher_sample(
     step in `record_steps` (the ODE pairs use steps 0, 13, 25, 37 of 50).
     """
     n = cond.num_context
-    flags = torch.cat(
-        [cond.context_flags.int(), torch.full((noise.shape[2],), cond.shot_flag, dtype=torch.int32)]
-    )
+    flags = torch.cat([cond.context_flags.int(), torch.full((noise.shape[2],), cond.shot_flag, dtype=torch.int32)])
     positions = torch.arange(flags.shape[0])
     x, recorded = noise, {}
     for i, t in enumerate(sampler.timesteps):

@@ -50,9 +50,7 @@ class FlowMatchTable:
         table = torch.cat([self.timesteps, torch.zeros(1)])
         return table[self.num_train_timesteps - torch.tensor(nominal_steps, dtype=torch.long)]
 
-    def sample_timestep(
-        self, shape: tuple[int, ...], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample_timestep(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform table timesteps `timesteps[U{0..999}]`, float32 on CPU."""
         idx = torch.randint(0, self.num_train_timesteps, shape, generator=generator)
         return self.timesteps[idx]

@@ -125,9 +125,7 @@ class TextEncoder(torch.nn.Module):
     inference in `torch.no_grad()`, fine-tuning can backpropagate through `forward`.
     """
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, text_encoder: UMT5EncoderModel, max_length: int
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, text_encoder: UMT5EncoderModel, max_length: int) -> None:
         super().__init__()
         if len(tokenizer) > text_encoder.config.vocab_size:
             raise ValueError(

@@ -65,9 +65,7 @@ class ShotStreamBlock(WanTransformerBlock):
             return out.flatten(1, 2).type_as(x)
 
         # 1. Self-attention (shot-phase RoPE, dual KV cache or mask)
-        attn_output = self.attn1(
-            modulate(self.norm1, hidden_states, shift_msa, scale_msa), plan=plan, layer=layer
-        )
+        attn_output = self.attn1(modulate(self.norm1, hidden_states, shift_msa, scale_msa), plan=plan, layer=layer)
         hidden_states = add_gated(hidden_states, attn_output, gate_msa)
         # 2. Cross-attention (each frame to its shot's caption), no gate
         norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
@@ -132,9 +130,7 @@ class ShotStreamTransformer(WanTransformer3DModel):
             block.attn1.set_processor(DualCacheAttnProcessor())
             block.attn2.set_processor(MultiCaptionAttnProcessor())
 
-    def new_cache(
-        self, batch_size: int, context_frames: int, shot_frames: int, tokens_per_frame: int
-    ) -> DualKVCache:
+    def new_cache(self, batch_size: int, context_frames: int, shot_frames: int, tokens_per_frame: int) -> DualKVCache:
         """An empty dual KV cache sized for `context_frames + shot_frames` latent frames."""
         param = self.proj_out.weight
         return DualKVCache(
@@ -190,9 +186,7 @@ class ShotStreamTransformer(WanTransformer3DModel):
             cache_start=cache_frame * tokens_per_frame,
             mask=attention_mask,
         )
-        routing = CaptionRouting.from_flags(
-            shot_flags, encoder_hidden_states.shape[0], tokens_per_frame, cache
-        )
+        routing = CaptionRouting.from_flags(shot_flags, encoder_hidden_states.shape[0], tokens_per_frame, cache)
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, C)
 
         # 2. Per-frame time embedding and caption embedding
@@ -207,17 +201,13 @@ class ShotStreamTransformer(WanTransformer3DModel):
                 x = block(x, text, timestep_proj, plan, routing, layer)
 
         # 4. Output norm (per-frame modulation), projection and unpatchify
-        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(
-            2, dim=2
-        )  # (B, F, 1, C)
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)  # (B, F, 1, C)
         x = self.norm_out(x.float()).unflatten(1, (num_frames, -1)) * (1 + scale) + shift
         x = self.proj_out(x.flatten(1, 2).type_as(hidden_states))  # (B, L, p_t*p_h*p_w*C_out)
         x = x.reshape(batch, num_frames // p_t, grid[0], grid[1], p_t, p_h, p_w, -1)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    def _embed_timestep(
-        self, timestep: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_timestep(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B, F)` timesteps -> `temb (B, F, C)` and block modulation `(B, F, 6, C)`."""
         embedder = self.condition_embedder
         sinusoid = sinusoidal_embedding(timestep.flatten(), self.config.freq_dim)  # (B*F, freq_dim)
@@ -227,9 +217,7 @@ class ShotStreamTransformer(WanTransformer3DModel):
         batch, num_frames = timestep.shape
         return temb.reshape(batch, num_frames, -1), timestep_proj.reshape(batch, num_frames, 6, -1)
 
-    def _embed_text(
-        self, encoder_hidden_states: torch.Tensor, cache: DualKVCache | None
-    ) -> torch.Tensor | None:
+    def _embed_text(self, encoder_hidden_states: torch.Tensor, cache: DualKVCache | None) -> torch.Tensor | None:
         """Caption embeddings `(S, text_len, C)`; skipped when the shot's text K/V are already cached."""
         if cache is not None and cache.text[0] is not None and not torch.is_grad_enabled():
             return None

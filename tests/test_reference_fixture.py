@@ -84,9 +84,7 @@ def test_student_rollout_matches_reference_call_by_call(trace):
         for shot in range(SHOTS):
             plan = plan_context(ranges, CONTEXT)
             latents = context_latents(finals, ranges, plan)
-            assert_close(
-                latents, wrapper_to_diffusers(trace[f"shot{shot}.context_latents"]), "context latents"
-            )
+            assert_close(latents, wrapper_to_diffusers(trace[f"shot{shot}.context_latents"]), "context latents")
             cond = ShotConditioning(
                 latents, torch.tensor(plan.flags), plan.shot_flag, trace["caption_embeds"][: shot + 1]
             )
