@@ -1,7 +1,7 @@
 """Speed benchmark of streaming ShotStream generation (a script, not a test).
 
-    python benchmarks/bench.py --preset tiny                       # 2-core CPU target: >= 32 fps, first frame <= 0.5 s
-    python benchmarks/bench.py --preset wan2.1-1.3b --device cuda --dtype bfloat16 [--text-device cpu]
+    python -m benchmarks.bench --preset tiny                       # 2-core CPU target: >= 32 fps, first frame <= 0.5 s
+    python -m benchmarks.bench --preset wan2.1-1.3b --device cuda --dtype bfloat16 [--text-device cpu]
 
 Random weights of the preset's exact shapes (speed does not depend on weight values). Reports, for a
 5-shot story streamed with `ShotStreamPipeline.stream_shot`: time to the first decoded frame of every
