@@ -108,8 +108,7 @@ class DualCacheAttnProcessor:
         query, key = apply_rotary(query, *plan.rotary), apply_rotary(key, *plan.rotary)
         if plan.cache is not None:
             key, value = _write_and_read(plan.cache, layer, plan.cache_start, key, value)
-        mask = None if plan.mask is None else plan.mask.to(query.device)
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
+        out = dispatch_attention_fn(query, key, value, attn_mask=plan.mask, backend=self._attention_backend)
         return attn.to_out[0](out.flatten(2, 3).type_as(query))  # (B, L, C)
 
 

@@ -87,7 +87,7 @@ class ShotStreamPipeline:
         """Randomly initialised weights (benchmarks, tests); the tokenizer is built from `vocabulary`."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         torch.manual_seed(seed)
-        transformer = ShotStreamTransformer(**_transformer_kwargs(preset))
+        transformer = ShotStreamTransformer.from_preset(preset.transformer)
         tokenizer = build_word_tokenizer(vocabulary, preset.text_encoder.max_length)
         encoder = build_text_encoder(preset.text_encoder, len(tokenizer))
         text = TextEncoder(tokenizer, encoder, preset.text_encoder.max_length)
@@ -119,7 +119,7 @@ class ShotStreamPipeline:
         base = base_model or preset_.base_model_repo
         if base is None:
             raise ValueError(f"preset {preset!r} has no published base model: pass base_model=")
-        transformer = ShotStreamTransformer(**_transformer_kwargs(preset_))
+        transformer = ShotStreamTransformer.from_preset(preset_.transformer)
         load_transformer_weights(transformer, weights)
         vae = VideoVAE.from_pretrained(str(base), local_files_only=local_files_only)
         text = TextEncoder.from_pretrained(
@@ -136,7 +136,7 @@ class ShotStreamPipeline:
                 "`python -m train.recipe` or pass preset= and weights= for the published model"
             )
         preset = get_preset(json.loads(marker.read_text())["preset"])
-        transformer = ShotStreamTransformer(**_transformer_kwargs(preset))
+        transformer = ShotStreamTransformer.from_preset(preset.transformer)
         load_transformer_weights(transformer, folder / "transformer" / "diffusion_pytorch_model.safetensors")
         vae = VideoVAE.from_pretrained(str(folder), local_files_only=True)
         text = TextEncoder.from_pretrained(
@@ -253,20 +253,3 @@ class ShotStreamPipeline:
 def _synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
-
-
-def _transformer_kwargs(preset: ShotStreamPreset) -> dict:
-    config = preset.transformer
-    return dict(
-        patch_size=config.patch_size,
-        num_attention_heads=config.num_attention_heads,
-        attention_head_dim=config.attention_head_dim,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        text_dim=config.text_dim,
-        freq_dim=config.freq_dim,
-        ffn_dim=config.ffn_dim,
-        num_layers=config.num_layers,
-        eps=config.eps,
-        rope_max_seq_len=config.rope_max_seq_len,
-    )

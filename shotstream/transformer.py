@@ -15,6 +15,8 @@ checkpoints load unchanged (`checkpoint.py`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
@@ -22,6 +24,7 @@ from torch import nn
 
 from .dual_cache import DualCacheAttnProcessor, DualKVCache, SelfAttentionPlan
 from .multi_caption import CaptionRouting, MultiCaptionAttnProcessor
+from .presets import TransformerConfig
 from .rope import rotary_tables, shot_phase_angles
 
 
@@ -130,6 +133,11 @@ class ShotStreamTransformer(WanTransformer3DModel):
             block.attn1.set_processor(DualCacheAttnProcessor())
             block.attn2.set_processor(MultiCaptionAttnProcessor())
 
+    @classmethod
+    def from_preset(cls, config: TransformerConfig) -> ShotStreamTransformer:
+        """A freshly initialised transformer of a preset's size."""
+        return cls(**dataclasses.asdict(config))
+
     def new_cache(self, batch_size: int, context_frames: int, shot_frames: int, tokens_per_frame: int) -> DualKVCache:
         """An empty dual KV cache sized for `context_frames + shot_frames` latent frames."""
         param = self.proj_out.weight
@@ -184,7 +192,7 @@ class ShotStreamTransformer(WanTransformer3DModel):
             rotary_tables(angles, hidden_states.device),
             cache=cache,
             cache_start=cache_frame * tokens_per_frame,
-            mask=attention_mask,
+            mask=None if attention_mask is None else attention_mask.to(hidden_states.device),
         )
         routing = CaptionRouting.from_flags(shot_flags, encoder_hidden_states.shape[0], tokens_per_frame, cache)
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, C)

@@ -8,7 +8,6 @@ from conftest import FIXTURE, fixture_transformer, random_transformer
 from safetensors.torch import load_file
 
 from shotstream.checkpoint import WeightsError, load_transformer_weights, merge_lora
-from shotstream.pipeline import _transformer_kwargs
 from shotstream.presets import WAN21_1_3B
 from shotstream.transformer import ShotStreamTransformer
 
@@ -42,7 +41,7 @@ def test_published_layout_loads_strictly_into_wan_preset(tmp_path, monkeypatch):
     layout = published_layout()
     assert len(layout) == 825
     with torch.device("meta"):
-        model = ShotStreamTransformer(**_transformer_kwargs(WAN21_1_3B))
+        model = ShotStreamTransformer.from_preset(WAN21_1_3B.transformer)
     state = {"generator": {k: torch.empty(shape, device="meta") for k, shape in layout.items()}}
     monkeypatch.setattr("shotstream.checkpoint.read_state_dict", lambda path: state)
     original = model.load_state_dict

@@ -99,7 +99,7 @@ def make_encoders() -> FrozenEncoders:
 
 def make_transformer(seed: int = 0) -> ShotStreamTransformer:
     torch.manual_seed(seed)
-    return ShotStreamTransformer(**dataclasses.asdict(MICRO.transformer))
+    return ShotStreamTransformer.from_preset(MICRO.transformer)
 
 
 def trainer(**kwargs) -> L.Trainer:

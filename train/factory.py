@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +28,7 @@ def build_transformer(
 ) -> ShotStreamTransformer:
     """A transformer of the preset's size, from `weights` (any format `shotstream.checkpoint` reads) or random."""
     torch.manual_seed(seed)
-    model = ShotStreamTransformer(**dataclasses.asdict(preset.transformer))
+    model = ShotStreamTransformer.from_preset(preset.transformer)
     if weights is not None:
         load_transformer_weights(model, weights)
     if gradient_checkpointing:
