@@ -191,3 +191,23 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert np.array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="not a ShotStream model folder"):
         ShotStreamPipeline.from_pretrained(tmp_path)
+
+
+def test_published_checkpoint_path_with_a_diffusers_base_folder(pipe, tmp_path):
+    """preset= + weights= (a `.pt` holding {"generator": {"model." + name: tensor}}) + base_model= folder."""
+    pipe.save_pretrained(tmp_path / "base")  # stands in for the Wan diffusers repo: vae/, text_encoder/, tokenizer/
+    state = {f"model.{k}": v for k, v in pipe.transformer.state_dict().items()}
+    torch.save({"generator": state}, tmp_path / "shotstream_merged.pt")
+    loaded = ShotStreamPipeline.from_pretrained(
+        preset="tiny", weights=tmp_path / "shotstream_merged.pt", base_model=tmp_path / "base", local_files_only=True
+    )
+    _, a = pipe.generate_story(CAPTION, PROMPTS[:1], seed=2)
+    _, b = loaded.generate_story(CAPTION, PROMPTS[:1], seed=2)
+    assert np.array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        ShotStreamPipeline.from_pretrained(
+            preset="tiny",
+            weights=tmp_path / "shotstream_merged.pt",
+            base_model=tmp_path / "nothing",
+            local_files_only=True,
+        )
