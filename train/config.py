@@ -168,8 +168,6 @@ class RecipeConfig:
     dmd_stage2: DMDConfig
 
     def __post_init__(self) -> None:
-        if self.toy_data is not None and self.system.devices * self.system.num_nodes != 1:
-            raise ValueError("toy_data renders the stories in one process: use devices: 1, num_nodes: 1")
         if self.dmd_stage1.lora is not None or self.dmd_stage2.lora is None:
             raise ValueError("dmd_stage1 trains all parameters (lora: null); dmd_stage2 needs a lora section")
 

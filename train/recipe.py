@@ -163,6 +163,8 @@ class Recipe:
             if output.exists():
                 print(f"[recipe] {name}: {output} exists, skipped")
                 continue
+            if name in optional and self.config.system.devices * self.config.system.num_nodes != 1:
+                raise ValueError(f"stage {name} runs in one process: run it with devices: 1, num_nodes: 1 first")
             print(f"[recipe] {name}: running")
             runner()
 
