@@ -61,6 +61,17 @@ def build_strategy(system: SystemConfig) -> Strategy:
     )
 
 
+def _system_kwargs(system: SystemConfig) -> dict:
+    """Trainer arguments that come from the system config (shared by fit and predict trainers)."""
+    return dict(
+        accelerator=system.accelerator,
+        devices=system.devices,
+        num_nodes=system.num_nodes,
+        precision=system.precision,
+        strategy=build_strategy(system),
+    )
+
+
 def build_trainer(
     system: SystemConfig, steps: StepsConfig, stage_dir: Path, extra_callbacks: list[Callback] | None = None
 ) -> L.Trainer:
@@ -72,11 +83,7 @@ def build_trainer(
         *(extra_callbacks or []),
     ]
     return L.Trainer(
-        accelerator=system.accelerator,
-        devices=system.devices,
-        num_nodes=system.num_nodes,
-        precision=system.precision,
-        strategy=build_strategy(system),
+        **_system_kwargs(system),
         max_steps=steps.max_steps,
         max_epochs=-1,
         log_every_n_steps=steps.log_every,
@@ -91,11 +98,7 @@ def build_trainer(
 def build_predictor(system: SystemConfig, stage_dir: Path, max_batches: int, callbacks: list[Callback]) -> L.Trainer:
     """A `predict` trainer (teacher sampling of ODE pairs) over at most `max_batches` clips per device."""
     return L.Trainer(
-        accelerator=system.accelerator,
-        devices=system.devices,
-        num_nodes=system.num_nodes,
-        precision=system.precision,
-        strategy=build_strategy(system),
+        **_system_kwargs(system),
         limit_predict_batches=max_batches,
         logger=False,
         callbacks=[TQDMProgressBar(), *callbacks],
