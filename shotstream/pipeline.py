@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_transformer_weights
-from .context_sampling import ContextPlan, plan_context, reusable_frames
+from .context_sampling import ContextPlan, plan_context, reusable_frames, shot_ranges
 from .presets import ShotStreamPreset, get_preset
 from .sampling import GeneratorNoise, NoiseSource, ShotConditioning, StudentSampler
 from .scheduler import FlowMatchTable
@@ -217,8 +217,8 @@ class ShotStreamPipeline:
     def _stream(self, story: Story, prompt: str, plan: ContextPlan, noise: NoiseSource) -> Iterator[ShotChunk]:
         preset = self.preset
         cond = self._conditioning(story, prompt, plan)
-        start = sum(shot.num_pixel_frames for shot in story.shots)
-        ranges = [*story.shot_ranges(), (start, start + preset.pixel_frames_per_shot - 1)]
+        ranges = shot_ranges([shot.num_pixel_frames for shot in story.shots] + [preset.pixel_frames_per_shot])
+        start = ranges[-1][0]  # global index of this shot's first frame
         keep = set(reusable_frames(ranges, story.num_shots, preset.context_frames))
         cache = self.transformer.new_cache(1, preset.context_frames, preset.frames_per_shot, preset.tokens_per_frame)
         decoder = self.vae.streaming_decoder()

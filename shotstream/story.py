@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .context_sampling import shot_ranges
+
 MAX_JSON_BYTES = 1_000_000  # a story file larger than this is refused outright
 MAX_CAPTION_CHARS = 20_000  # longer captions are refused by the JSON reader (the app truncates instead)
 
@@ -51,11 +53,7 @@ class Story:
 
     def shot_ranges(self) -> list[tuple[int, int]]:
         """Inclusive global pixel-frame range of every generated shot."""
-        ranges, start = [], 0
-        for shot in self.shots:
-            ranges.append((start, start + shot.num_pixel_frames - 1))
-            start += shot.num_pixel_frames
-        return ranges
+        return shot_ranges([shot.num_pixel_frames for shot in self.shots])
 
     def undo(self) -> str:
         """Remove the last shot; returns its prompt."""
