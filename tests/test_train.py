@@ -29,10 +29,18 @@ from shotstream.video_io import write_mp4
 from train.callbacks import PeriodicCheckpoint
 from train.conditioning import FrozenEncoders
 from train.config import OptimizerConfig, from_dict, load_config
-from train.data import ClipDataset, MultiShotDataModule, sample_clip_frames, shot_labels, truncate_4k1
+from train.data import (
+    ClipDataset,
+    EncodedClipDataset,
+    MultiShotDataModule,
+    sample_clip_frames,
+    shot_labels,
+    truncate_4k1,
+)
 from train.dmd import DMDDistillation
 from train.dmd_inter_shot import InterShotDMD, merge_student_lora
 from train.factory import build_strategy
+from train.latent_cache import write_latent_cache
 from train.losses import critic_flow_loss, dmd_generator_loss, flow_matching_loss, ode_regression_loss
 from train.ode import ODERegression
 from train.ode_pairs import ODEPair, ODEPairDataModule, ODEPairWriter, TeacherSampling, recorded_steps
@@ -181,6 +189,24 @@ def test_clip_dataset_reads_the_reference_format(csv_path):
         "A blue square in the desert.shot1:Close-up of the square stays still.",
     ]
     assert clip.target_pixels.min() >= -1 and clip.target_pixels.max() <= 1
+
+
+def test_latent_cache_gives_the_clips_the_encoders_give(csv_path, tmp_path):
+    """Cached clips == on-the-fly encoding (same conditioning, same target), and a stale cache is refused."""
+    encoders, cache = make_encoders(), tmp_path / "latents.safetensors"
+    write_latent_cache(csv_path, MICRO, encoders, cache, batch_size=2)
+    raw_clips, encoded_clips = ClipDataset(csv_path, MICRO), EncodedClipDataset(csv_path, cache)
+    for raw, encoded in ((raw_clips[i], encoded_clips[i]) for i in range(len(raw_clips))):
+        assert encoded.context_pixels is None and encoded.target_pixels is None
+        expected, cached = encoders.clip_conditioning(raw), encoders.clip_conditioning(encoded)
+        torch.testing.assert_close(cached.context_latents, expected.context_latents, atol=1e-5, rtol=1e-4)
+        assert cached.context_flags.tolist() == expected.context_flags.tolist()
+        assert cached.shot_flag == expected.shot_flag and encoded.captions == raw.captions
+        torch.testing.assert_close(encoders.clip_target(encoded), encoders.clip_target(raw), atol=1e-5, rtol=1e-4)
+    shorter = tmp_path / "one_row.csv"  # a CSV that no longer matches the cache (only its row count matters)
+    shorter.write_text("".join(Path(csv_path).read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(ValueError, match="delete the cache"):
+        EncodedClipDataset(shorter, cache)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -350,10 +376,11 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
     )
     two_steps = dataclasses.replace(MICRO, denoising_steps=(1000, 500), teacher_steps=2)  # ODE pairs: 2 teacher steps
     recipe = Recipe(config, two_steps, tmp_path / "run")
-    stages = ["toy_data", "encoders", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2"]
+    stages = ["toy_data", "encoders", "latents", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2"]
     recipe.run(stages)
     vae_config = json.loads((tmp_path / "encoders" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == 16 and vae_config["latents_mean"] != list(TINY.vae.latents_mean)
+    assert recipe.path("latents", "latents.safetensors").is_file()
     for stage, filename in [
         ("teacher", "teacher.safetensors"),
         ("ode", "student.safetensors"),

@@ -68,10 +68,20 @@ class FrozenEncoders:
         """`(1, C, F, h, w)` -> pixels `(1, 3, 1 + 4 (F - 1), H, W)` in [-1, 1]."""
         return self.vae.decode(latents)
 
+    def clip_target(self, clip: ClipSample) -> torch.Tensor:
+        """The clip's target shot as latents `(1, C, F, h, w)` (cached ones when the clip carries them)."""
+        if clip.target_latents is not None:
+            return clip.target_latents.to(self.vae.device)
+        return self.target(clip.target_pixels)
+
     def clip_conditioning(self, clip: ClipSample) -> ShotConditioning:
         """Ground-truth history of a clip: encoded context frames, flags and all captions of the story."""
+        if clip.context_latents is not None:
+            context = clip.context_latents.to(self.vae.device)
+        else:
+            context = self.context(clip.context_pixels)
         return ShotConditioning(
-            context_latents=self.context(clip.context_pixels),
+            context_latents=context,
             context_flags=clip.context_flags.cpu(),
             shot_flag=clip.shot_flag,
             caption_embeds=self.captions(clip.captions),

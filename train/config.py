@@ -80,6 +80,7 @@ class SystemConfig:
 class DataConfig:
     csv_path: str  # reference training CSV (§7); relative paths inside it resolve against its folder
     num_workers: int
+    latent_cache: bool  # encode the clips once (stage `latents`, `train/latent_cache.py`) instead of every step
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class EncodersStageConfig:
     """Stage 0, toy world only: train the tiny VAE (the text encoder is a fixed random UMT5)."""
 
     clip_frames: int  # 4k + 1 frames per training window
+    batch_size: int  # windows per step (on CPU, batches of >= 2 take oneDNN's conv3d: ~3x the windows/s of 1)
     kl_weight: float
     optimizer: OptimizerConfig
     steps: StepsConfig

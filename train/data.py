@@ -30,6 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shotstream.context_sampling import plan_context
@@ -56,11 +57,13 @@ class StoryRow:
 class ClipSample:
     """One next-shot training clip (pixels in [-1, 1], float32)."""
 
-    context_pixels: torch.Tensor  # (Nc, 3, H, W) history frames, one latent each after encoding
+    context_pixels: torch.Tensor | None  # (Nc, 3, H, W) history frames, one latent each after encoding
     context_flags: torch.Tensor  # (Nc,) int32 shot number of each context frame
-    target_pixels: torch.Tensor  # (3, T, H, W) the last shot, T = 4k + 1
+    target_pixels: torch.Tensor | None  # (3, T, H, W) the last shot, T = 4k + 1
     captions: list[str]  # one per shot of the row
     index: int  # row of the CSV
+    context_latents: torch.Tensor | None = None  # (1, C, Nc, h, w) instead of pixels, from a latent cache
+    target_latents: torch.Tensor | None = None  # (1, C, F, h, w) instead of pixels, from a latent cache
 
     @property
     def shot_flag(self) -> int:
@@ -159,6 +162,37 @@ class ClipDataset(Dataset):
         )
 
 
+class EncodedClipDataset(Dataset):
+    """`ClipSample`s with `context_latents` / `target_latents` from a latent cache (no pixels, no mp4 read)."""
+
+    def __init__(self, csv_path: str | Path, cache_path: str | Path) -> None:
+        self.rows = read_rows(csv_path)
+        self.cache_path = str(cache_path)
+        with safe_open(self.cache_path, framework="pt") as f:
+            cached = int(f.metadata()["rows"])
+        if cached != len(self.rows):
+            raise ValueError(
+                f"{cache_path} encodes {cached} clips but {csv_path} has {len(self.rows)} rows: "
+                "delete the cache so the `latents` stage writes it again"
+            )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> ClipSample:
+        with safe_open(self.cache_path, framework="pt") as f:
+            context, flags, target = (f.get_tensor(f"{index}.{key}") for key in ("context", "flags", "target"))
+        return ClipSample(
+            context_pixels=None,
+            context_flags=flags,
+            target_pixels=None,
+            captions=self.rows[index].captions(),
+            index=index,
+            context_latents=context[None],  # (1, C, Nc, h, w)
+            target_latents=target[None],  # (1, C, F, h, w)
+        )
+
+
 class StoryDataset(Dataset):
     """Story captions (`StorySample`) from a reference training CSV; the videos are not read."""
 
@@ -203,14 +237,25 @@ class MultiShotDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, csv_path: str, preset: ShotStreamPreset, stories_only: bool, seed: int, num_workers: int
+        self,
+        csv_path: str,
+        preset: ShotStreamPreset,
+        stories_only: bool,
+        seed: int,
+        num_workers: int,
+        latent_cache: Path | None = None,
     ) -> None:
         super().__init__()
         self.csv_path, self.preset, self.stories_only = csv_path, preset, stories_only
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.latent_cache = seed, num_workers, latent_cache
 
     def dataset(self) -> Dataset:
-        return StoryDataset(self.csv_path) if self.stories_only else ClipDataset(self.csv_path, self.preset)
+        """Stories, else clips: encoded ones when a latent cache (`train.latent_cache`) is given."""
+        if self.stories_only:
+            return StoryDataset(self.csv_path)
+        if self.latent_cache is not None:
+            return EncodedClipDataset(self.csv_path, self.latent_cache)
+        return ClipDataset(self.csv_path, self.preset)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset()

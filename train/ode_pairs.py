@@ -96,7 +96,7 @@ class TeacherSampling(L.LightningModule):
 
     def predict_step(self, batch: ClipSample, batch_idx: int) -> ODEPair:
         cond = self.encoders.clip_conditioning(batch)
-        x0 = self.encoders.target(batch.target_pixels)  # (1, C, F, h, w): only its shape is used
+        x0 = self.encoders.clip_target(batch)  # (1, C, F, h, w): only its shape is used
         noise = randn_like(x0, step_generator(self.seed, batch.index, 0))
         sample, recorded = teacher_sample(
             self.teacher, self.sampler, cond, self.encoders.negative(), noise, self.guidance, self.record

@@ -6,6 +6,7 @@
 Stages and what they leave in `--out`:
   toy_data     toy world only: rendered stories             the training CSV at `data.csv_path`
   encoders     0    toy world only: tiny VAE + text encoder   the folder `encoders`
+  latents           optional: every clip encoded once         latents/latents.safetensors (`data.latent_cache`)
   teacher      1    bidirectional next-shot teacher          teacher/teacher.safetensors
   ode_pairs    2.1a teacher ODE trajectories                  ode_pairs/*.safetensors
   ode          2.1b causal init by ODE regression             ode/student.safetensors
@@ -36,13 +37,14 @@ from .data import MultiShotDataModule
 from .dmd import DMDDistillation
 from .dmd_inter_shot import InterShotDMD, merge_student_lora
 from .factory import build_predictor, build_trainer, build_transformer, load_encoders
+from .latent_cache import write_latent_cache
 from .ode import ODERegression
 from .ode_pairs import ODEPairDataModule, ODEPairWriter, TeacherSampling
 from .teacher import TeacherTuning
 from .toy_encoders import VAETraining, VideoWindows, build_toy_text_encoder, finish_encoders, new_toy_vae, window_loader
 from .toy_export import export_stories
 
-STAGES = ("toy_data", "encoders", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2", "export")
+STAGES = ("toy_data", "encoders", "latents", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2", "export")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -61,7 +63,10 @@ class Recipe:
 
     def data(self, stories_only: bool) -> MultiShotDataModule:
         cfg = self.config
-        return MultiShotDataModule(cfg.data.csv_path, self.preset, stories_only, cfg.seed, cfg.data.num_workers)
+        cache = self.path("latents", "latents.safetensors") if cfg.data.latent_cache else None
+        return MultiShotDataModule(
+            cfg.data.csv_path, self.preset, stories_only, cfg.seed, cfg.data.num_workers, latent_cache=cache
+        )
 
     def transformer(self, weights: Path | str | None):
         return build_transformer(self.preset, weights, self.config.system.gradient_checkpointing, self.config.seed)
@@ -82,11 +87,20 @@ class Recipe:
         windows = VideoWindows(cfg.data.csv_path, self.preset, stage.clip_frames)
         module = VAETraining(new_toy_vae(self.preset, cfg.seed), stage, cfg.seed)
         trainer = build_trainer(cfg.system, stage.steps, self.out / "encoders")
-        trainer.fit(module, train_dataloaders=window_loader(windows, cfg.seed, cfg.data.num_workers), ckpt_path="last")
+        trainer.fit(
+            module,
+            train_dataloaders=window_loader(windows, stage.batch_size, cfg.seed, cfg.data.num_workers),
+            ckpt_path="last",
+        )
         if trainer.is_global_zero:
             text = build_toy_text_encoder(self.preset, cfg.seed)
             finish_encoders(module.vae, text, windows, Path(cfg.encoders))
         trainer.strategy.barrier("encoders")
+
+    def latents(self) -> None:
+        """Encode every training clip once (`train.latent_cache`); later stages read latents, not mp4s."""
+        path = self.path("latents", "latents.safetensors")
+        write_latent_cache(self.config.data.csv_path, self.preset, self.encoders, path, batch_size=4)
 
     def teacher(self) -> None:
         cfg = self.config
@@ -144,6 +158,7 @@ class Recipe:
         return {
             "toy_data": (self.toy_data, Path(cfg.data.csv_path)),
             "encoders": (self.train_encoders, Path(cfg.encoders) / "vae" / "config.json"),
+            "latents": (self.latents, self.path("latents", "latents.safetensors")),
             "teacher": (self.teacher, self.path("teacher", "teacher.safetensors")),
             "ode_pairs": (self.ode_pairs, self.path("ode_pairs", "COMPLETE")),
             "ode": (self.ode, self.path("ode", "student.safetensors")),
@@ -153,17 +168,21 @@ class Recipe:
         }
 
     def run(self, names: list[str]) -> None:
-        stages = self.stages()
-        optional = {"toy_data": self.config.toy_data, "encoders": self.config.encoders_stage}
+        cfg, stages = self.config, self.stages()
+        not_in_recipe = {
+            "toy_data": cfg.toy_data is None,
+            "encoders": cfg.encoders_stage is None,
+            "latents": not cfg.data.latent_cache,
+        }
         for name in names:
             runner, output = stages[name]
-            if name in optional and optional[name] is None:
-                print(f"[recipe] {name}: not part of the {self.preset.name} recipe (given as input), skipped")
+            if not_in_recipe.get(name, False):
+                print(f"[recipe] {name}: not part of this {self.preset.name} recipe, skipped")
                 continue
             if output.exists():
                 print(f"[recipe] {name}: {output} exists, skipped")
                 continue
-            if name in optional and self.config.system.devices * self.config.system.num_nodes != 1:
+            if name in not_in_recipe and cfg.system.devices * cfg.system.num_nodes != 1:
                 raise ValueError(f"stage {name} runs in one process: run it with devices: 1, num_nodes: 1 first")
             print(f"[recipe] {name}: running")
             runner()

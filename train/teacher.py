@@ -71,7 +71,7 @@ class TeacherTuning(L.LightningModule):
         # 1-2. encoders, dropout
         cond = drop_context(self.encoders.clip_conditioning(batch), self.config.context_dropout, generator)
         embeds = drop_text(cond.caption_embeds, self.config.text_dropout, generator)
-        x0 = self.encoders.target(batch.target_pixels)  # (1, C, F, h, w)
+        x0 = self.encoders.clip_target(batch)  # (1, C, F, h, w)
         # 3. noise the target at one table timestep
         t = sample_timesteps(self.table, 1, generator, self.round_timesteps_to_bf16).to(self.device)  # (1,)
         noise = randn_like(x0, generator)

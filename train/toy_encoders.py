@@ -42,9 +42,10 @@ class VideoWindows(Dataset):
     """Consecutive, non-overlapping `clip_frames`-frame windows `(3, T, H, W)` of every training video."""
 
     def __init__(self, csv_path: str | Path, preset: ShotStreamPreset, clip_frames: int) -> None:
-        self.paths = [row.video_path for row in read_rows(csv_path)]
+        rows = read_rows(csv_path)
+        self.paths = [row.video_path for row in rows]
         self.preset, self.clip_frames = preset, clip_frames
-        lengths = [len(read_video(path)) for path in self.paths]
+        lengths = [row.shots[-1][1] for row in rows]  # toy videos end with their last shot
         self.windows = [(v, s) for v, n in enumerate(lengths) for s in range(0, n - clip_frames + 1, clip_frames)]
 
     def __len__(self) -> int:
@@ -86,8 +87,9 @@ class VAETraining(L.LightningModule):
         return {}
 
 
-def window_loader(dataset: VideoWindows, seed: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=1, sampler=EpochShuffle(len(dataset), seed), num_workers=num_workers)
+def window_loader(dataset: VideoWindows, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+    sampler = EpochShuffle(len(dataset), seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True)
 
 
 @torch.no_grad()
