@@ -6,6 +6,9 @@ For shot k (0-based) with a budget of `Nc` context frames (6):
     the frames are `round(linspace(start_j, end_j, count_j))` over global pixel-frame indices (float32
     linspace, round half to even); their flags are j, and the generated frames get flag k.
 
+The ablation `first_frame_only=True` keeps the counts but takes every frame of shot j at `start_j` (what a
+first-frame-only context would give, with the cache layout unchanged).
+
 The same rule serves inference (decoded history) and training (ground-truth history, native frame
 indices). Because each context frame is VAE-encoded on its own, the latent of a history frame never
 changes: `reusable_frames` lists the few frames of a shot that any later shot can pick, so a story only
@@ -53,13 +56,13 @@ def shot_ranges(shot_lengths: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def plan_context(ranges: list[tuple[int, int]], budget: int) -> ContextPlan:
+def plan_context(ranges: list[tuple[int, int]], budget: int, first_frame_only: bool = False) -> ContextPlan:
     """The context plan for the shot after `ranges` (the inclusive ranges of all previous shots)."""
     if not ranges:
         return ContextPlan(frames=(), flags=(0,) * budget, shot_flag=1)
     frames = []
     for shot, ((start, end), count) in enumerate(zip(ranges, context_counts(len(ranges), budget), strict=True)):
-        frames += [(shot, index) for index in frame_indices(start, end, count)]
+        frames += [(shot, index) for index in frame_indices(start, start if first_frame_only else end, count)]
     if len(frames) != budget:
         raise AssertionError(f"context sampling produced {len(frames)} frames, expected {budget}")
     flags = tuple(shot for shot, _ in frames)

@@ -27,8 +27,8 @@ import torch
 from .checkpoint import load_transformer_weights
 from .context_sampling import ContextPlan, plan_context, reusable_frames, shot_ranges
 from .presets import ShotStreamPreset, get_preset
-from .sampling import GeneratorNoise, NoiseSource, ShotConditioning, StudentSampler
-from .scheduler import FlowMatchTable
+from .sampling import GeneratorNoise, NoiseSource, ShotConditioning, StudentSampler, teacher_sample
+from .scheduler import EulerSampler, FlowMatchTable
 from .story import ShotMemory, Story, StoryError
 from .text import TextEncoder, build_text_encoder, build_word_tokenizer, clean_text, story_captions
 from .transformer import ShotStreamTransformer
@@ -55,7 +55,11 @@ class ShotChunk:
 
 
 class ShotStreamPipeline:
-    """Streaming multi-shot generation with a causal ShotStream student (see module docstring)."""
+    """Streaming multi-shot generation with a causal ShotStream student (see module docstring).
+
+    `first_frame_context=True` is an evaluation ablation: every context frame is the first frame of its shot
+    (`plan_context(first_frame_only=True)`) instead of the reference's spread over the shot.
+    """
 
     def __init__(
         self,
@@ -66,8 +70,9 @@ class ShotStreamPipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         text_device: torch.device | str | None = None,
+        first_frame_context: bool = False,
     ) -> None:
-        self.preset = preset
+        self.preset, self.first_frame_context = preset, first_frame_context
         self.device, self.dtype = torch.device(device), dtype
         self.text_device = torch.device(text_device) if text_device is not None else self.device
         # plain nn.Module.to: the whole model in `dtype`, as the reference casts it (diffusers would warn)
@@ -109,7 +114,7 @@ class ShotStreamPipeline:
         * `path`: a folder written by `save_pretrained` (our format: safetensors + config JSON per part);
         * or `preset` + `weights` (a published ShotStream `.pt` or any converted state dict) + `base_model`
           (a local diffusers-format Wan folder or its Hub id, for the VAE and the UMT5 text encoder).
-        `kwargs` go to the constructor (`device`, `dtype`, `text_device`).
+        `kwargs` go to the constructor (`device`, `dtype`, `text_device`, `first_frame_context`).
         """
         if path is not None:
             return cls._from_bundle(Path(path), **kwargs)
@@ -174,11 +179,36 @@ class ShotStreamPipeline:
         """
         self._check_prompt(story, prompt)
         k = story.num_shots
-        plan = plan_context(story.shot_ranges(), self.preset.context_frames)
+        plan = self._plan(story)
         if noise is None:
             generator = generator or torch.Generator().manual_seed(story.seed + k)
             noise = GeneratorNoise(generator, self.device, self.dtype)
         yield from self._stream(story, prompt, plan, noise)
+
+    @torch.no_grad()
+    def teacher_shot(
+        self, story: Story, prompt: str, teacher: ShotStreamTransformer, generator: torch.Generator, steps: int = 50
+    ) -> np.ndarray:
+        """Generate the next shot with a bidirectional next-shot teacher and commit it; returns uint8 (T, H, W, 3).
+
+        The teacher (stage 1 of training, same class and size as the student) denoises the whole shot at once
+        with `steps` Euler steps and classifier-free guidance against the preset's negative prompt, on the same
+        context frames the student would get. Far slower than `stream_shot`; for evaluation and comparison.
+        """
+        self._check_prompt(story, prompt)
+        preset, teacher = self.preset, torch.nn.Module.to(teacher, self.device, self.dtype)
+        cond = self._conditioning(story, prompt, self._plan(story))
+        negative = self.text_encoder([preset.negative_prompt]).to(self.device, self.dtype)  # (1, L, D)
+        shape = (1, preset.vae.z_dim, preset.frames_per_shot, preset.latent_height, preset.latent_width)
+        noise = GeneratorNoise(generator, self.device, self.dtype).initial(shape)
+        sampler = EulerSampler(steps, preset.timestep_shift)
+        x0, _ = teacher_sample(teacher, sampler, cond, negative, noise, preset.teacher_guidance)
+        pixels = self.vae.decode(x0)  # (1, 3, T, H, W)
+        start = sum(shot.num_pixel_frames for shot in story.shots)
+        ranges = shot_ranges([shot.num_pixel_frames for shot in story.shots] + [pixels.shape[2]])
+        keep = reusable_frames(ranges, story.num_shots, preset.context_frames)
+        story.shots.append(self._memory(prompt, {i: pixels[0, :, i - start] for i in keep}))
+        return to_uint8(pixels)
 
     def generate_story(self, global_caption: str, prompts: list[str], seed: int = 0) -> tuple[Story, np.ndarray]:
         """Batch generation of a whole story; returns it and its video uint8 `(T, H, W, 3)`.
@@ -199,6 +229,9 @@ class ShotStreamPipeline:
             raise StoryError("the shot prompt is empty")
         if story.num_shots >= self.preset.max_shots:
             raise StoryError(f"the story already has {story.num_shots} shots, the most this model makes")
+
+    def _plan(self, story: Story) -> ContextPlan:
+        return plan_context(story.shot_ranges(), self.preset.context_frames, self.first_frame_context)
 
     def _conditioning(self, story: Story, prompt: str, plan: ContextPlan) -> ShotConditioning:
         captions = story_captions(story.global_caption, [*story.prompts, prompt])

@@ -32,6 +32,7 @@ def shot_phase_angles(
     grid: tuple[int, int],
     head_dim: int,
     theta: float = 10000.0,
+    phase_step: float = SHOT_PHASE,
 ) -> torch.Tensor:
     """Rotation angles for every token, in (frame, row, column) token order.
 
@@ -40,6 +41,8 @@ def shot_phase_angles(
         shot_flags: `(F,)` integer shot flag of each latent frame.
         grid: `(rows, cols)` tokens per frame after patchify.
         head_dim: attention head dimension.
+        theta: RoPE base.
+        phase_step: radians per unit of shot flag (`SHOT_PHASE`; 0 disables the shot phase, an ablation).
 
     Returns:
         `(F * rows * cols, head_dim // 2)` float64 angles, one per complex pair.
@@ -48,7 +51,7 @@ def shot_phase_angles(
     rows, cols = grid
     num_frames = positions.shape[0]
     # the phase is evaluated in float32 exactly like the reference (int32 flag * python float)
-    phase = (shot_flags.to(torch.int32).cpu() * SHOT_PHASE).double()  # (F,)
+    phase = (shot_flags.to(torch.int32).cpu() * phase_step).double()  # (F,)
     angle_t = positions.cpu().double()[:, None] * _inverse_frequencies(t_dim, theta) + phase[:, None]
     angle_h = torch.arange(rows, dtype=torch.float64)[:, None] * _inverse_frequencies(h_dim, theta)
     angle_w = torch.arange(cols, dtype=torch.float64)[:, None] * _inverse_frequencies(w_dim, theta)

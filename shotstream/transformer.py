@@ -25,7 +25,7 @@ from torch import nn
 from .dual_cache import DualCacheAttnProcessor, DualKVCache, SelfAttentionPlan
 from .multi_caption import CaptionRouting, MultiCaptionAttnProcessor
 from .presets import TransformerConfig
-from .rope import rotary_tables, shot_phase_angles
+from .rope import SHOT_PHASE, rotary_tables, shot_phase_angles
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -106,6 +106,7 @@ class ShotStreamTransformer(WanTransformer3DModel):
         qk_norm: str | None = "rms_norm_across_heads",
         eps: float = 1e-6,
         rope_max_seq_len: int = 1024,
+        shot_phase: float = SHOT_PHASE,
     ) -> None:
         super().__init__(
             patch_size=patch_size,
@@ -134,9 +135,9 @@ class ShotStreamTransformer(WanTransformer3DModel):
             block.attn2.set_processor(MultiCaptionAttnProcessor())
 
     @classmethod
-    def from_preset(cls, config: TransformerConfig) -> ShotStreamTransformer:
-        """A freshly initialised transformer of a preset's size."""
-        return cls(**dataclasses.asdict(config))
+    def from_preset(cls, config: TransformerConfig, shot_phase: float = SHOT_PHASE) -> ShotStreamTransformer:
+        """A freshly initialised transformer of a preset's size (`shot_phase=0`: the no-shot-phase ablation)."""
+        return cls(**dataclasses.asdict(config), shot_phase=shot_phase)
 
     def new_cache(self, batch_size: int, context_frames: int, shot_frames: int, tokens_per_frame: int) -> DualKVCache:
         """An empty dual KV cache sized for `context_frames + shot_frames` latent frames."""
@@ -187,7 +188,9 @@ class ShotStreamTransformer(WanTransformer3DModel):
             timestep = timestep[:, None].expand(batch, num_frames)
 
         # 1. Patch embedding and shot-phase RoPE
-        angles = shot_phase_angles(positions, shot_flags, grid, self.config.attention_head_dim)
+        angles = shot_phase_angles(
+            positions, shot_flags, grid, self.config.attention_head_dim, phase_step=self.config.shot_phase
+        )
         plan = SelfAttentionPlan(
             rotary_tables(angles, hidden_states.device),
             cache=cache,

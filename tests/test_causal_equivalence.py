@@ -88,3 +88,19 @@ def test_block_causal_mask_structure():
         dtype=torch.bool,
     )
     assert torch.equal(mask, expected)
+
+
+def test_shot_phase_ablation_removes_only_the_phase(tmp_path):
+    """`shot_phase=0`: with one caption the flags no longer matter; the default phase makes them matter."""
+    model = random_transformer()
+    x = torch.randn(1, 16, 4, GRID[0] * 2, GRID[1] * 2)
+    t, text = torch.full((1, 4), 500.0), torch.randn(1, 8, model.config.text_dim)
+    cut, same = torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.int32)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, text, cut, torch.arange(4)), model(x, t, text, same, torch.arange(4)))
+        model.save_pretrained(tmp_path)
+        ablated = type(model).from_pretrained(tmp_path, shot_phase=0.0)
+        assert ablated.config.shot_phase == 0.0
+        torch.testing.assert_close(
+            ablated(x, t, text, cut, torch.arange(4)), ablated(x, t, text, same, torch.arange(4))
+        )

@@ -48,3 +48,12 @@ def test_reusable_frames_cover_every_later_context():
             for shot, index in plan_context(ranges[:k], 6).frames:
                 assert index in keep[shot]
         assert max(len(v) for v in keep.values()) <= 7
+
+
+def test_first_frame_only_ablation_keeps_counts_and_takes_each_shot_start():
+    ranges = shot_ranges([81] * 4)
+    dynamic, ablation = plan_context(ranges, 6), plan_context(ranges, 6, first_frame_only=True)
+    assert ablation.flags == dynamic.flags and ablation.shot_flag == dynamic.shot_flag
+    assert [index for _, index in ablation.frames] == [0, 81, 162, 162, 243, 243]
+    keep = {shot: set(reusable_frames(ranges, shot, 6)) for shot in range(4)}
+    assert all(index in keep[shot] for shot, index in ablation.frames)  # a story still holds them

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from shotstream.context_sampling import reusable_frames
 from shotstream.pipeline import ShotStreamPipeline
+from shotstream.sampling import teacher_sample
+from shotstream.scheduler import EulerSampler
 from shotstream.story import StoryError, parse_story_json
 from shotstream.vae import to_uint8
 
@@ -211,3 +214,25 @@ def test_published_checkpoint_path_with_a_diffusers_base_folder(pipe, tmp_path):
             base_model=tmp_path / "nothing",
             local_files_only=True,
         )
+
+
+def test_teacher_shot_is_the_teacher_sampler_on_the_story_context(pipe):
+    """`teacher_shot` == `teacher_sample` + decode on the same conditioning, and commits like `stream_shot`."""
+    story = pipe.new_story(CAPTION)
+    run_shot(pipe, story, PROMPTS[0], seed=1)
+    video = pipe.teacher_shot(story, PROMPTS[1], pipe.transformer, torch.Generator().manual_seed(5), steps=3)
+    assert video.shape == (pipe.preset.pixel_frames_per_shot, 64, 64, 3) and story.num_shots == 2
+    ranges = story.shot_ranges()
+    assert sorted(story.shots[1].frame_latents) == reusable_frames(ranges, 1, pipe.preset.context_frames)
+
+    story.undo()
+    preset = pipe.preset
+    cond = pipe._conditioning(story, PROMPTS[1], pipe._plan(story))
+    negative = pipe.text_encoder([preset.negative_prompt])
+    shape = (1, preset.frames_per_shot, 16, preset.latent_height, preset.latent_width)  # the reference's draw layout
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(5)).permute(0, 2, 1, 3, 4)
+    with torch.no_grad():
+        x0, _ = teacher_sample(
+            pipe.transformer, EulerSampler(3, preset.timestep_shift), cond, negative, noise, preset.teacher_guidance
+        )
+        assert np.array_equal(video, to_uint8(pipe.vae.decode(x0)))
