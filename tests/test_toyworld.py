@@ -152,3 +152,31 @@ def test_evaluator_scores_wrong_videos_low():
     black = evaluate_stories([np.zeros_like(v[:40]) for v in videos], stories)["overall"]  # short, too
     assert black["setting"] < 0.5  # black is nearest to the night
     assert all(black[m] == 0 for m in METRICS if m != "setting" and not np.isnan(black[m]))
+
+
+def test_results_script_writes_every_variant_and_the_targets(tmp_path):
+    """`train.evaluate` end to end on 1 story x 2 shots: random weights stand in for every stage."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shotstream.pipeline import ShotStreamPipeline
+    from train.evaluate import VARIANTS, main
+
+    pipe = ShotStreamPipeline.from_random("tiny", caption_vocabulary())
+    pipe.save_pretrained(tmp_path / "model")
+    for name in ("teacher/teacher.safetensors", "ode/student.safetensors", "dmd_stage1/generator.safetensors"):
+        (tmp_path / "run" / name).parent.mkdir(parents=True)
+        save_file(pipe.transformer.state_dict(), str(tmp_path / "run" / name))
+    out = tmp_path / "results"
+    args = ["--model", str(tmp_path / "model"), "--run", str(tmp_path / "run"), "--stories", "1", "--shots", "2"]
+    with torch.no_grad():
+        main([*args, "--out", str(out), "--variants", "ground_truth", "ode", "stage1", "stage1+2"])
+        main([*args, "--out", str(out), "--variants", "first_frame_context"])  # adds a row to the same files
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert list(results) == ["ground_truth", "ode", "stage1", "stage1+2", "first_frame_context"]
+    assert all(v == 1.0 for k, v in results["ground_truth"]["overall"].items() if k != "landmark_consistency")
+    same_weights = {json.dumps(results[name]["by_shot"]) for name in ("ode", "stage1", "stage1+2")}
+    assert len(same_weights) == 1  # the same weights on the same seeded stories score the same
+    table = out.with_suffix(".md").read_text()
+    assert "| first_frame_context |" in table and "shot_size ≥ 0.9" in table and "stage1+2 ≥ stage1" in table
+    assert set(VARIANTS) >= set(results)

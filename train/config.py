@@ -98,6 +98,7 @@ class EncodersStageConfig:
 
     clip_frames: int  # 4k + 1 frames per training window
     batch_size: int  # windows per step (on CPU, batches of >= 2 take oneDNN's conv3d: ~3x the windows/s of 1)
+    image_steps: int  # the first steps train on every 4th frame as 1-frame clips (the spatial path, ~5x cheaper)
     kl_weight: float
     optimizer: OptimizerConfig
     steps: StepsConfig

@@ -3,8 +3,11 @@
 * Text encoder: a word-level tokenizer over the toy caption vocabulary and a freshly initialised tiny UMT5,
   kept frozen like UMT5-XXL in the reference (a fixed random feature extractor: every stage learns on top).
 * VAE: the tiny `AutoencoderKLWan` trained on windows of the training videos (L1 + MSE reconstruction and a
-  small KL term), then its per-channel latent statistics are measured and stored as `latents_mean` /
-  `latents_std`, so that `VideoVAE`'s normalised latents have zero mean and unit variance like Wan's.
+  small KL term; the first `image_steps` on single frames, where it learns colours and shapes much faster
+  per CPU second, then on whole windows for the temporal path; windows as long as the clips it will encode,
+  since the causal cache drifts beyond the lengths it was trained on). Then its per-channel latent statistics
+  are measured and stored as `latents_mean` / `latents_std`, so that `VideoVAE`'s normalised latents have
+  zero mean and unit variance like Wan's.
 The result is the diffusers folder layout `load_encoders` reads: `vae/`, `text_encoder/`, `tokenizer/`.
 """
 
@@ -65,6 +68,8 @@ class VAETraining(L.LightningModule):
         self.vae, self.config, self.seed = vae, config, seed
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.global_step < self.config.image_steps:  # (B, 3, T, H, W) -> (B * T/4, 3, 1, H, W) images
+            batch = batch[:, :, ::4].transpose(1, 2).flatten(0, 1).unsqueeze(2)
         posterior = self.vae.encode(batch).latent_dist
         generator = step_generator(self.seed, self.global_step, self.global_rank)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(batch)
