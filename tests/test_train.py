@@ -381,6 +381,7 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
     vae_config = json.loads((tmp_path / "encoders" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == 16 and vae_config["latents_mean"] != list(TINY.vae.latents_mean)
     assert recipe.path("latents", "latents.safetensors").is_file()
+    assert {p.name for p in (tmp_path / "run" / "samples").iterdir()} == {"teacher.mp4", "ode.mp4", "dmd_stage1.mp4"}
     for stage, filename in [
         ("teacher", "teacher.safetensors"),
         ("ode", "student.safetensors"),

@@ -13,7 +13,9 @@ Stages and what they leave in `--out`:
   dmd_stage1   2.2.1 intra-shot self-forcing DMD              dmd_stage1/generator.safetensors
   dmd_stage2   2.2.2 inter-shot self-forcing DMD, LoRA        dmd_stage2/generator_lora.safetensors
   export       LoRA merged into the student; the model folder `ShotStreamPipeline.from_pretrained` reads
-A stage whose output exists is skipped; an interrupted stage resumes from its `checkpoints/last.ckpt`.
+After the teacher, ODE, DMD stage-1 and export stages, `samples/<stage>.mp4` shows the first story of the
+training CSV made by that stage's model (seeded). A stage whose output exists is skipped; an interrupted
+stage resumes from its `checkpoints/last.ckpt`.
 For the 1.3B preset the VAE / text encoder (`encoders`) and the training CSV (`data.csv_path`) are inputs;
 the toy world makes both itself (stages `toy_data` and `encoders`).
 """
@@ -21,19 +23,24 @@ the toy world makes both itself (stages `toy_data` and `encoders`).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from shotstream.pipeline import ShotStreamPipeline
 from shotstream.presets import PRESETS, ShotStreamPreset, get_preset
+from shotstream.video_io import write_mp4
 
 from .conditioning import FrozenEncoders
 from .config import DMDConfig, RecipeConfig, StepsConfig, load_config
-from .data import MultiShotDataModule
+from .data import MultiShotDataModule, read_rows
 from .dmd import DMDDistillation
 from .dmd_inter_shot import InterShotDMD, merge_student_lora
 from .factory import build_predictor, build_trainer, build_transformer, load_encoders
@@ -46,6 +53,9 @@ from .toy_export import export_stories
 
 STAGES = ("toy_data", "encoders", "latents", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2", "export")
 CONFIG_DIR = Path(__file__).parent / "configs"
+SAMPLED = {"teacher": "teacher/teacher.safetensors", "ode": "ode/student.safetensors",
+           "dmd_stage1": "dmd_stage1/generator.safetensors",
+           "export": "model/transformer/diffusion_pytorch_model.safetensors"}  # fmt: skip
 
 
 class Recipe:
@@ -152,6 +162,28 @@ class Recipe:
         pipeline = ShotStreamPipeline(self.preset, student, self.encoders.vae, self.encoders.text_encoder)
         pipeline.save_pretrained(self.out / "model")
 
+    @rank_zero_only
+    @torch.no_grad()
+    def sample(self, stage: str) -> None:
+        """`samples/<stage>.mp4`: the first story of the training CSV by the stage's model (teacher: 50 steps, CFG)."""
+        path = self.out / "samples" / f"{stage}.mp4"
+        if stage not in SAMPLED or path.exists():
+            return
+        row, seed = read_rows(self.config.data.csv_path)[0], self.config.seed
+        story = json.loads(row.json_path.read_text())
+        prompts = [story[f"shot{i + 1}"] for i in range(min(len(row.shots), self.preset.max_shots))]
+        model = self.transformer(self.out / SAMPLED[stage])
+        pipe = ShotStreamPipeline(self.preset, model, self.encoders.vae, self.encoders.text_encoder)
+        if stage == "teacher":
+            state, generator = pipe.new_story(story["global_caption"], seed), torch.Generator().manual_seed(seed)
+            steps = self.preset.teacher_steps
+            video = np.concatenate([pipe.teacher_shot(state, p, model, generator, steps) for p in prompts])
+        else:
+            video = pipe.generate_story(story["global_caption"], prompts, seed)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_mp4(video, path)
+        print(f"[recipe] {stage}: sample video {path}")
+
     def stages(self) -> dict[str, tuple[Callable[[], None], Path]]:
         """Stage name -> (runner, the output that marks it done)."""
         cfg = self.config
@@ -181,11 +213,13 @@ class Recipe:
                 continue
             if output.exists():
                 print(f"[recipe] {name}: {output} exists, skipped")
+                self.sample(name)
                 continue
             if name in not_in_recipe and cfg.system.devices * cfg.system.num_nodes != 1:
                 raise ValueError(f"stage {name} runs in one process: run it with devices: 1, num_nodes: 1 first")
             print(f"[recipe] {name}: running")
             runner()
+            self.sample(name)
 
 
 def main(argv: list[str] | None = None) -> None:
