@@ -204,9 +204,7 @@ class ShotStreamPipeline:
         sampler = EulerSampler(steps, preset.timestep_shift)
         x0, _ = teacher_sample(teacher, sampler, cond, negative, noise, preset.teacher_guidance)
         pixels = self.vae.decode(x0)  # (1, 3, T, H, W)
-        start = sum(shot.num_pixel_frames for shot in story.shots)
-        ranges = shot_ranges([shot.num_pixel_frames for shot in story.shots] + [pixels.shape[2]])
-        keep = reusable_frames(ranges, story.num_shots, preset.context_frames)
+        start, keep = self._next_shot_frames(story)
         story.shots.append(self._memory(prompt, {i: pixels[0, :, i - start] for i in keep}))
         return to_uint8(pixels)
 
@@ -230,6 +228,11 @@ class ShotStreamPipeline:
         if story.num_shots >= self.preset.max_shots:
             raise StoryError(f"the story already has {story.num_shots} shots, the most this model makes")
 
+    def _next_shot_frames(self, story: Story) -> tuple[int, set[int]]:
+        """Global index of the next shot's first frame, and its frames that later shots may sample."""
+        ranges = shot_ranges([shot.num_pixel_frames for shot in story.shots] + [self.preset.pixel_frames_per_shot])
+        return ranges[-1][0], set(reusable_frames(ranges, story.num_shots, self.preset.context_frames))
+
     def _plan(self, story: Story) -> ContextPlan:
         return plan_context(story.shot_ranges(), self.preset.context_frames, self.first_frame_context)
 
@@ -250,9 +253,7 @@ class ShotStreamPipeline:
     def _stream(self, story: Story, prompt: str, plan: ContextPlan, noise: NoiseSource) -> Iterator[ShotChunk]:
         preset = self.preset
         cond = self._conditioning(story, prompt, plan)
-        ranges = shot_ranges([shot.num_pixel_frames for shot in story.shots] + [preset.pixel_frames_per_shot])
-        start = ranges[-1][0]  # global index of this shot's first frame
-        keep = set(reusable_frames(ranges, story.num_shots, preset.context_frames))
+        start, keep = self._next_shot_frames(story)
         cache = self.transformer.new_cache(1, preset.context_frames, preset.frames_per_shot, preset.tokens_per_frame)
         decoder = self.vae.streaming_decoder()
         latent_shape = (preset.vae.z_dim, preset.latent_height, preset.latent_width)

@@ -194,7 +194,7 @@ def test_clip_dataset_reads_the_reference_format(csv_path):
 def test_latent_cache_gives_the_clips_the_encoders_give(csv_path, tmp_path):
     """Cached clips == on-the-fly encoding (same conditioning, same target), and a stale cache is refused."""
     encoders, cache = make_encoders(), tmp_path / "latents.safetensors"
-    write_latent_cache(csv_path, MICRO, encoders, cache, batch_size=2)
+    write_latent_cache(csv_path, MICRO, encoders, cache, batch_size=2, num_workers=0)
     raw_clips, encoded_clips = ClipDataset(csv_path, MICRO), EncodedClipDataset(csv_path, cache)
     for raw, encoded in ((raw_clips[i], encoded_clips[i]) for i in range(len(raw_clips))):
         assert encoded.context_pixels is None and encoded.target_pixels is None

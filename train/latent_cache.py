@@ -48,11 +48,16 @@ def encode_batch(encoders: FrozenEncoders, clips: list[ClipSample]) -> dict[str,
 
 
 def write_latent_cache(
-    csv_path: str | Path, preset: ShotStreamPreset, encoders: FrozenEncoders, path: Path, batch_size: int
+    csv_path: str | Path,
+    preset: ShotStreamPreset,
+    encoders: FrozenEncoders,
+    path: Path,
+    batch_size: int,
+    num_workers: int,
 ) -> None:
     """Encode every clip of the CSV (in CSV order) into the safetensors file `path`."""
     dataset = ClipDataset(csv_path, preset)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=1)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=num_workers)
     entries: dict[str, torch.Tensor] = {}
     for step, clips in enumerate(loader):
         entries.update(encode_batch(encoders, clips))

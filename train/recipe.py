@@ -110,7 +110,8 @@ class Recipe:
     def latents(self) -> None:
         """Encode every training clip once (`train.latent_cache`); later stages read latents, not mp4s."""
         path = self.path("latents", "latents.safetensors")
-        write_latent_cache(self.config.data.csv_path, self.preset, self.encoders, path, batch_size=4)
+        cfg = self.config
+        write_latent_cache(cfg.data.csv_path, self.preset, self.encoders, path, 4, cfg.data.num_workers)
 
     def teacher(self) -> None:
         cfg = self.config
