@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from safetensors.torch import load_file, save_file
 
@@ -39,7 +39,7 @@ from train.data import (
 )
 from train.dmd import DMDDistillation
 from train.dmd_inter_shot import InterShotDMD, merge_student_lora
-from train.factory import build_strategy
+from train.factory import build_strategy, build_trainer
 from train.latent_cache import write_latent_cache
 from train.losses import critic_flow_loss, dmd_generator_loss, flow_matching_loss, ode_regression_loss
 from train.ode import ODERegression
@@ -47,6 +47,7 @@ from train.ode_pairs import ODEPair, ODEPairDataModule, ODEPairWriter, TeacherSa
 from train.recipe import Recipe
 from train.self_forcing import self_forcing_rollout
 from train.teacher import TeacherTuning
+from train.toy_encoders import VAETraining, VideoWindows, new_toy_vae, window_loader
 
 MICRO = dataclasses.replace(TINY, frames_per_shot=6, transformer=dataclasses.replace(TINY.transformer, num_layers=1))
 CONFIGS = Path(__file__).parents[1] / "train" / "configs"
@@ -268,6 +269,33 @@ def test_teacher_trains_only_self_attention(csv_path):
     updated = changed(*snapshots.states)
     assert updated and all(".attn1." in k for k in updated)
     assert any(".attn1.to_q." in k for k in updated)
+
+
+def test_teacher_ema_exports_the_averaged_weights(csv_path, tmp_path):
+    """EMA (decay 0.5) runs before the export: teacher.safetensors = 0.25 w1 + 0.25 w2 + 0.5 w3, not w3."""
+    module = TeacherTuning(make_transformer(), make_encoders(), MICRO, CONFIG.teacher, 0, round_timesteps_to_bf16=False)
+    snapshots = Snapshots()
+    steps = dataclasses.replace(CONFIG.teacher.steps, max_steps=3, checkpoint_every=3)
+    fit = build_trainer(CONFIG.system, steps, tmp_path, [EMAWeightAveraging(decay=0.5), snapshots])
+    fit.fit(module, datamodule=clip_data(csv_path))
+    exported = load_file(str(tmp_path / "teacher.safetensors"))
+    w1, w2, w3 = ({k.removeprefix("teacher."): v for k, v in s.items()} for s in snapshots.states[1:])
+    assert any(not torch.equal(exported[k], w3[k]) for k in exported)
+    for key, value in exported.items():
+        torch.testing.assert_close(value, 0.25 * w1[key] + 0.25 * w2[key] + 0.5 * w3[key], msg=key)
+
+
+def test_vae_decoder_steps_leave_the_encoder_untouched(csv_path):
+    """The last `decoder_steps` train the decoder alone, so latents encoded before them stay valid."""
+    steps = dataclasses.replace(CONFIG.encoders_stage.steps, max_steps=2)
+    config = dataclasses.replace(CONFIG.encoders_stage, clip_frames=5, image_steps=0, decoder_steps=1, steps=steps)
+    module, snapshots = VAETraining(new_toy_vae(MICRO, seed=0), config, seed=0), Snapshots()
+    windows = window_loader(VideoWindows(csv_path, MICRO, clip_frames=5), batch_size=1, seed=0, num_workers=0)
+    trainer(max_steps=2, callbacks=[snapshots]).fit(module, train_dataloaders=windows)
+    before, joint, decoder_only = snapshots.states
+    assert changed(before, joint, "vae.encoder.") != set()
+    decoder = changed(joint, decoder_only, "vae.decoder.") | changed(joint, decoder_only, "vae.post_quant_conv.")
+    assert decoder != set() and changed(joint, decoder_only) == decoder
 
 
 def test_ode_pairs_then_ode_regression(csv_path, tmp_path):

@@ -99,6 +99,7 @@ class EncodersStageConfig:
     clip_frames: int  # 4k + 1 frames per training window
     batch_size: int  # windows per step (on CPU, batches of >= 2 take oneDNN's conv3d: ~3x the windows/s of 1)
     image_steps: int  # the first steps train on every 4th frame as 1-frame clips (the spatial path, ~5x cheaper)
+    decoder_steps: int  # the last steps train the decoder alone on the frozen encoder's posterior means
     kl_weight: float
     optimizer: OptimizerConfig
     steps: StepsConfig
@@ -112,6 +113,7 @@ class TeacherConfig:
     trainable: Literal["self_attn", "all"]  # reference `only_train3d: True` = self-attention only
     context_dropout: float
     text_dropout: float
+    ema_decay: float | None  # EMA of the weights, exported instead of the last step (toy world); None = off (§5.6)
     optimizer: OptimizerConfig
     steps: StepsConfig
 

@@ -75,12 +75,16 @@ def _system_kwargs(system: SystemConfig) -> dict:
 def build_trainer(
     system: SystemConfig, steps: StepsConfig, stage_dir: Path, extra_callbacks: list[Callback] | None = None
 ) -> L.Trainer:
-    """A stage's trainer: `last.ckpt` in `stage_dir/checkpoints`, exports in `stage_dir`, CSV logs."""
+    """A stage's trainer: `last.ckpt` in `stage_dir/checkpoints`, exports in `stage_dir`, CSV logs.
+
+    `extra_callbacks` run first, so that an `EMAWeightAveraging` has put the averaged weights into the
+    module before `SafetensorsExport` writes them.
+    """
     callbacks = [
+        *(extra_callbacks or []),
         PeriodicCheckpoint(stage_dir / "checkpoints", steps.checkpoint_every),
         SafetensorsExport(stage_dir),
         TQDMProgressBar(),
-        *(extra_callbacks or []),
     ]
     return L.Trainer(
         **_system_kwargs(system),

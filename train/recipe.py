@@ -32,6 +32,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
 
 from shotstream.pipeline import ShotStreamPipeline
@@ -81,8 +82,12 @@ class Recipe:
     def transformer(self, weights: Path | str | None):
         return build_transformer(self.preset, weights, self.config.system.gradient_checkpointing, self.config.seed)
 
-    def fit(self, module: L.LightningModule, data: L.LightningDataModule, stage: str, steps: StepsConfig) -> None:
-        trainer = build_trainer(self.config.system, steps, self.out / stage)
+    def fit(
+        self, module: L.LightningModule, data: L.LightningDataModule, stage: str, steps: StepsConfig,
+        ema_decay: float | None = None,
+    ) -> None:  # fmt: skip
+        ema = [] if ema_decay is None else [EMAWeightAveraging(decay=ema_decay)]
+        trainer = build_trainer(self.config.system, steps, self.out / stage, ema)
         trainer.fit(module, datamodule=data, ckpt_path="last")
 
     def toy_data(self) -> None:
@@ -119,7 +124,7 @@ class Recipe:
             self.transformer(cfg.teacher.init_weights), self.encoders, self.preset, cfg.teacher, cfg.seed,
             cfg.system.round_timesteps_to_bf16,
         )  # fmt: skip
-        self.fit(module, self.data(stories_only=False), "teacher", cfg.teacher.steps)
+        self.fit(module, self.data(stories_only=False), "teacher", cfg.teacher.steps, cfg.teacher.ema_decay)
 
     def ode_pairs(self) -> None:
         cfg, folder = self.config, self.out / "ode_pairs"

@@ -5,7 +5,9 @@
 * VAE: the tiny `AutoencoderKLWan` trained on windows of the training videos (L1 + MSE reconstruction and a
   small KL term; the first `image_steps` on single frames, where it learns colours and shapes much faster
   per CPU second, then on whole windows for the temporal path; windows as long as the clips it will encode,
-  since the causal cache drifts beyond the lengths it was trained on). Then its per-channel latent statistics
+  since the causal cache drifts beyond the lengths it was trained on; the last `decoder_steps` train the
+  decoder alone on the posterior means, sharpening colours without moving the latent space, so latents
+  encoded before them stay valid). Then its per-channel latent statistics
   are measured and stored as `latents_mean` / `latents_std`, so that `VideoVAE`'s normalised latents have
   zero mean and unit variance like Wan's.
 The result is the diffusers folder layout `load_encoders` reads: `vae/`, `text_encoder/`, `tokenizer/`.
@@ -67,9 +69,15 @@ class VAETraining(L.LightningModule):
         super().__init__()
         self.vae, self.config, self.seed = vae, config, seed
 
+    @property
+    def decoder_only(self) -> bool:
+        return self.global_step >= self.config.steps.max_steps - self.config.decoder_steps
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         if self.global_step < self.config.image_steps:  # (B, 3, T, H, W) -> (B * T/4, 3, 1, H, W) images
             batch = batch[:, :, ::4].transpose(1, 2).flatten(0, 1).unsqueeze(2)
+        if self.decoder_only:
+            return self.decoder_step(batch)
         posterior = self.vae.encode(batch).latent_dist
         generator = step_generator(self.seed, self.global_step, self.global_rank)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(batch)
@@ -79,6 +87,15 @@ class VAETraining(L.LightningModule):
         loss = reconstruction + self.config.kl_weight * kl
         self.log_dict({"vae/reconstruction": reconstruction, "vae/kl": kl}, prog_bar=True)
         return loss
+
+    def decoder_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """Reconstruction from the posterior mean; the encoder gets no gradient (AdamW skips it)."""
+        with torch.no_grad():
+            z = self.vae.encode(batch).latent_dist.mean
+        recon = self.vae.decode(z).sample
+        reconstruction = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+        self.log("vae/reconstruction", reconstruction, prog_bar=True)
+        return reconstruction
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = self.config.optimizer
