@@ -33,13 +33,12 @@ import numpy as np
 import torch
 
 from shotstream.pipeline import ShotStreamPipeline
-from shotstream.presets import get_preset
+from shotstream.presets import EMBEDDED_MODEL, get_preset
 from shotstream.story import MAX_JSON_BYTES, Story, StoryError, parse_story_json
 from shotstream.text import clean_text
 from shotstream.video_io import read_video, write_mp4, write_ts_chunk
 
 ROOT = Path(__file__).resolve().parent
-EMBEDDED_MODEL = ROOT / "assets" / "tiny"  # the trained toy-world model (`shotstream.json` marks it)
 EXAMPLES_DIR = ROOT / "examples"  # toy-*.json for the embedded model, film-*.json for the real one
 MODELS = ("tiny", "shotstream")
 REAL_PRESET = "wan2.1-1.3b"

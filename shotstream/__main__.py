@@ -15,11 +15,9 @@ import numpy as np
 import torch
 
 from .pipeline import ShotStreamPipeline
-from .presets import PRESETS
+from .presets import EMBEDDED_MODEL, PRESETS
 from .story import StoryError, parse_story_json
 from .video_io import write_mp4
-
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"  # shipped toy-world model
 
 
 def load_pipeline(args: argparse.Namespace) -> ShotStreamPipeline:

@@ -8,6 +8,7 @@ The CLI (`--preset`), the app and the tests all read this table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Wan2.1 VAE latent statistics (reference `WanVAEWrapper`, also in the diffusers VAE config).
 WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -173,6 +174,7 @@ TINY = ShotStreamPreset(
 )
 
 PRESETS: dict[str, ShotStreamPreset] = {p.name: p for p in (TINY, WAN21_1_3B)}
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"  # the shipped `tiny` model folder
 
 
 def get_preset(name: str) -> ShotStreamPreset:
