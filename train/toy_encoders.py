@@ -81,8 +81,7 @@ class VAETraining(L.LightningModule):
         posterior = self.vae.encode(batch).latent_dist
         generator = step_generator(self.seed, self.global_step, self.global_rank)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(batch)
-        recon = self.vae.decode(z).sample
-        reconstruction = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+        reconstruction = self.reconstruction_loss(z, batch)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
         loss = reconstruction + self.config.kl_weight * kl
         self.log_dict({"vae/reconstruction": reconstruction, "vae/kl": kl}, prog_bar=True)
@@ -92,10 +91,14 @@ class VAETraining(L.LightningModule):
         """Reconstruction from the posterior mean; the encoder gets no gradient (AdamW skips it)."""
         with torch.no_grad():
             z = self.vae.encode(batch).latent_dist.mean
-        recon = self.vae.decode(z).sample
-        reconstruction = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+        reconstruction = self.reconstruction_loss(z, batch)
         self.log("vae/reconstruction", reconstruction, prog_bar=True)
         return reconstruction
+
+    def reconstruction_loss(self, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """L1 + MSE between the decoded latents `z` and the pixels `batch` `(B, 3, T, H, W)`."""
+        recon = self.vae.decode(z).sample
+        return F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = self.config.optimizer
