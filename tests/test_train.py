@@ -271,6 +271,21 @@ def test_teacher_trains_only_self_attention(csv_path):
     assert any(".attn1.to_q." in k for k in updated)
 
 
+@pytest.mark.parametrize("to", ["zeros", "negative_prompt"])
+def test_teacher_text_dropout_feeds_the_configured_uncondition(csv_path, to):
+    """Dropped captions become zeros (reference) or the negative prompt: the branch CFG later guides against."""
+    config = dataclasses.replace(CONFIG.teacher, text_dropout=1.0, text_dropout_to=to)
+    encoders = make_encoders()
+    module = TeacherTuning(make_transformer(), encoders, MICRO, config, seed=0, round_timesteps_to_bf16=False)
+    seen = []
+    module.teacher.register_forward_pre_hook(lambda _, args: seen.append(args[2].clone()))
+    trainer(fast_dev_run=True).fit(module, datamodule=clip_data(csv_path))
+    (embeds,) = seen  # (N, L, D), N = captions of the clip's story
+    expected = torch.zeros_like(embeds) if to == "zeros" else encoders.negative().expand_as(embeds)
+    assert (embeds.abs().sum() > 0) == (to == "negative_prompt")
+    torch.testing.assert_close(embeds, expected)
+
+
 def test_teacher_ema_exports_the_averaged_weights(csv_path, tmp_path):
     """EMA (decay 0.5) runs before the export: teacher.safetensors = 0.25 w1 + 0.25 w2 + 0.5 w3, not w3."""
     module = TeacherTuning(make_transformer(), make_encoders(), MICRO, CONFIG.teacher, 0, round_timesteps_to_bf16=False)

@@ -4,7 +4,9 @@
   LightningModules: they are never trained and stay out of checkpoints (UMT5-XXL alone is 11 GB).
 * Context dropout (§5.1, quirk 16): context latents -> 0 and all context flags -> 0, so the target gets
   flag 1 and, with several captions, is routed to caption 1 whichever shot it is.
-* Text dropout (§5.1, quirk 17): all caption embeddings -> 0 (not an empty-prompt encoding).
+* Text dropout (§5.1, quirk 17): all caption embeddings -> 0 (not an empty-prompt encoding), or, where the
+  config says so, -> the negative prompt's encoding: then the unconditional branch that CFG guides against
+  (ODE pairs, DMD real score) is one the teacher was trained on (the toy teacher starts from scratch).
 * Randomness: one CPU `torch.Generator` per optimisation step, seeded from (seed, step, rank), so a resumed
   run draws exactly what an uninterrupted run draws and ranks draw differently.
 """
@@ -110,9 +112,16 @@ def drop_context(cond: ShotConditioning, p: float, generator: torch.Generator) -
     )
 
 
-def drop_text(embeds: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Text dropout (§5.1): with probability `p` every caption embedding becomes zeros."""
-    return torch.zeros_like(embeds) if torch.rand((), generator=generator) < p else embeds
+def drop_text(
+    embeds: torch.Tensor, p: float, generator: torch.Generator, uncond: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Text dropout (§5.1): with probability `p` every caption `(N, L, D)` becomes `uncond` `(1, L, D)`.
+
+    `uncond=None` is the reference's all-zero embedding.
+    """
+    if torch.rand((), generator=generator) >= p:
+        return embeds
+    return torch.zeros_like(embeds) if uncond is None else uncond.to(embeds).expand_as(embeds).clone()
 
 
 def frame_flags(cond: ShotConditioning, num_frames: int) -> torch.Tensor:

@@ -113,6 +113,7 @@ class TeacherConfig:
     trainable: Literal["self_attn", "all"]  # reference `only_train3d: True` = self-attention only
     context_dropout: float
     text_dropout: float
+    text_dropout_to: Literal["zeros", "negative_prompt"]  # reference: zeros; the CFG uncond is the negative prompt
     ema_decay: float | None  # EMA of the weights, exported instead of the last step (toy world); None = off (§5.6)
     optimizer: OptimizerConfig
     steps: StepsConfig

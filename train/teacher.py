@@ -70,7 +70,7 @@ class TeacherTuning(L.LightningModule):
         generator = step_generator(self.seed, self.global_step, self.global_rank)
         # 1-2. encoders, dropout
         cond = drop_context(self.encoders.clip_conditioning(batch), self.config.context_dropout, generator)
-        embeds = drop_text(cond.caption_embeds, self.config.text_dropout, generator)
+        embeds = drop_text(cond.caption_embeds, self.config.text_dropout, generator, self.text_uncond())
         x0 = self.encoders.clip_target(batch)  # (1, C, F, h, w)
         # 3. noise the target at one table timestep
         t = sample_timesteps(self.table, 1, generator, self.round_timesteps_to_bf16).to(self.device)  # (1,)
@@ -85,6 +85,10 @@ class TeacherTuning(L.LightningModule):
         self.log("teacher/loss", loss, prog_bar=True)
         self.log("teacher/t", t.float().mean())
         return loss
+
+    def text_uncond(self) -> torch.Tensor | None:
+        """What text dropout replaces the captions with: `None` (zeros) or the negative prompt `(1, L, D)`."""
+        return self.encoders.negative() if self.config.text_dropout_to == "negative_prompt" else None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = self.config.optimizer
