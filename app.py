@@ -426,7 +426,10 @@ def load_pipeline(model: str) -> tuple[ShotStreamPipeline, str]:
         if (EMBEDDED_MODEL / "shotstream.json").is_file():
             pipe = ShotStreamPipeline.from_pretrained(EMBEDDED_MODEL, device=device)
             size = f"{pipe.preset.width}x{pipe.preset.height} at {pipe.preset.fps} fps"
-            return pipe, f"Model: the **embedded toy-world ShotStream** ({size}, shown enlarged)."
+            return pipe, (
+                f"Model: the **embedded toy-world ShotStream** ({size}, shown enlarged), trained on a CPU: expect "
+                "the right setting most of the time and rough shapes and colours (docs/results.md)."
+            )
         about = (
             "**Untrained random weights**: the trained toy model (`assets/tiny/`) is not installed, so every shot "
             "is noise. Everything else works."

@@ -1,6 +1,6 @@
 """app.py: the page builds without a GPU; the handlers on good and bad input, stop and JSON round trips (driven
 directly, through a ZeroGPU-like pickling boundary); and the API of the launched app through gradio_client, with two
-visitors at once. Uses the embedded tiny model (random weights until `assets/tiny/` exists)."""
+visitors at once. Uses the embedded toy-world model (`assets/tiny/`)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ from train.evaluate import eval_stories, prompts_of
 from train.toy_eval import evaluate_stories
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "shotstream.json").is_file(), reason="assets/tiny not shipped")
-LEARNED = ("setting", "transition", "shot_size")  # what a trained student must read out better than random weights
+# What a trained student must read out better than random weights. Not transition: random weights make an
+# unrelated noise video per shot, so every cut is found (1.0 on these stories, the shipped model 0.25).
+LEARNED = ("setting", "shot_size", "motion")
 
 
 def scores(pipe: ShotStreamPipeline, stories) -> dict[str, float]:
