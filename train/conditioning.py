@@ -121,7 +121,7 @@ def drop_text(
     """
     if torch.rand((), generator=generator) >= p:
         return embeds
-    return torch.zeros_like(embeds) if uncond is None else uncond.to(embeds).expand_as(embeds).clone()
+    return torch.zeros_like(embeds) if uncond is None else uncond.to(embeds).expand_as(embeds)
 
 
 def frame_flags(cond: ShotConditioning, num_frames: int) -> torch.Tensor:
