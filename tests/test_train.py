@@ -43,7 +43,15 @@ from train.factory import build_strategy, build_trainer
 from train.latent_cache import write_latent_cache
 from train.losses import critic_flow_loss, dmd_generator_loss, flow_matching_loss, ode_regression_loss
 from train.ode import ODERegression
-from train.ode_pairs import ODEPair, ODEPairDataModule, ODEPairWriter, TeacherSampling, recorded_steps
+from train.ode_pairs import (
+    ODEPair,
+    ODEPairDataModule,
+    ODEPairWriter,
+    TeacherSampling,
+    pair_path,
+    recorded_steps,
+    rows_to_sample,
+)
 from train.recipe import Recipe
 from train.self_forcing import self_forcing_rollout
 from train.teacher import TeacherTuning
@@ -327,6 +335,32 @@ def test_ode_pairs_then_ode_regression(csv_path, tmp_path):
     snapshots = Snapshots()
     trainer(fast_dev_run=True, callbacks=[snapshots]).fit(module, datamodule=ODEPairDataModule(tmp_path, 0, 0))
     assert changed(*snapshots.states, "student.")
+
+
+def test_ode_pairs_resume_from_the_written_pairs(csv_path, tmp_path):
+    """A killed ODE-pair run resumes with the rows that have no file and makes the same pairs as one run."""
+    sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0)
+
+    def predict(folder: Path, rows: list[int]) -> None:
+        data = MultiShotDataModule(str(csv_path), MICRO, False, seed=0, num_workers=0, predict_rows=rows)
+        trainer(callbacks=[ODEPairWriter(folder)]).predict(sampling, datamodule=data, return_predictions=False)
+
+    predict(tmp_path / "once", rows_to_sample(tmp_path / "once", max_pairs=5, num_rows=2))
+    assert rows_to_sample(tmp_path / "once", max_pairs=5, num_rows=2) == []
+    predict(tmp_path / "killed", [0])  # the run that was killed after row 0
+    assert rows_to_sample(tmp_path / "killed", max_pairs=5, num_rows=2) == [1]
+    predict(tmp_path / "killed", [1])
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["000000.safetensors", "000001.safetensors"]
+    for row in (0, 1):
+        once, resumed = (
+            ODEPair.load(pair_path(tmp_path / "once", row)),
+            ODEPair.load(pair_path(tmp_path / "killed", row)),
+        )
+        assert once.index == resumed.index == row
+        torch.testing.assert_close(resumed.trajectory, once.trajectory, rtol=0, atol=0)
+        torch.testing.assert_close(resumed.context_latents, once.context_latents, rtol=0, atol=0)
+    pairs = [ODEPair.load(pair_path(tmp_path / "once", row)) for row in (0, 1)]
+    assert not torch.equal(pairs[0].trajectory[:, 0], pairs[1].trajectory[:, 0])  # noise is seeded per row
 
 
 def make_dmd(stage: str, **changes) -> DMDDistillation:

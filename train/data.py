@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from shotstream.context_sampling import plan_context
 from shotstream.presets import ShotStreamPreset
@@ -244,10 +244,12 @@ class MultiShotDataModule(L.LightningDataModule):
         seed: int,
         num_workers: int,
         latent_cache: Path | None = None,
+        predict_rows: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.csv_path, self.preset, self.stories_only = csv_path, preset, stories_only
         self.seed, self.num_workers, self.latent_cache = seed, num_workers, latent_cache
+        self.predict_rows = predict_rows
 
     def dataset(self) -> Dataset:
         """Stories, else clips: encoded ones when a latent cache (`train.latent_cache`) is given."""
@@ -263,4 +265,8 @@ class MultiShotDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=collate_one, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset(), batch_size=1, collate_fn=collate_one, num_workers=self.num_workers)
+        """CSV order; only the rows in `predict_rows` when it is set (a resumed ODE-pair run)."""
+        dataset = self.dataset()
+        if self.predict_rows is not None:
+            dataset = Subset(dataset, self.predict_rows)
+        return DataLoader(dataset, batch_size=1, collate_fn=collate_one, num_workers=self.num_workers)

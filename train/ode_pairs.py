@@ -6,7 +6,10 @@ unconditional branch) on ground-truth context, from noise of the ground-truth ta
 957.93, 888.89, 737.59) and the final sample are saved: the ODE trajectory the student regresses on.
 
 Sampling is a Lightning `predict` run (`TeacherSampling` + `ODEPairWriter`), so it shards over devices.
-One `.safetensors` file per clip, named by CSV row; `ODEPairDataModule` reads a folder of them back.
+One `.safetensors` file per clip, named by CSV row (`pair_path`) and written atomically, so a killed run
+resumes by sampling only the rows without a file (`rows_to_sample`); a clip's noise is seeded by its row,
+so a resumed or enlarged set holds the same pairs as one run from scratch. `ODEPairDataModule` reads a
+folder of them back.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ODEPair:
     index: int  # CSV row of the clip
 
     def save(self, path: str | Path) -> None:
+        """Writes `path` atomically (a temporary file renamed), so a killed run leaves no half-written pair."""
         tensors = {
             "context_latents": self.context_latents,
             "context_flags": self.context_flags.int(),
@@ -53,7 +57,9 @@ class ODEPair:
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         metadata = {"captions": json.dumps(self.captions), "shot_flag": str(self.shot_flag), "index": str(self.index)}
-        save_file(tensors, str(path), metadata=metadata)
+        partial = Path(path).with_suffix(".partial")
+        save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> ODEPair:
@@ -66,6 +72,16 @@ class ODEPair:
             captions=json.loads(metadata["captions"]),
             index=int(metadata["index"]),
         )
+
+
+def pair_path(folder: str | Path, index: int) -> Path:
+    """The file of the ODE pair of CSV row `index`."""
+    return Path(folder) / f"{index:06d}.safetensors"
+
+
+def rows_to_sample(folder: str | Path, max_pairs: int, num_rows: int) -> list[int]:
+    """The first `max_pairs` CSV rows that have no ODE-pair file in `folder` yet."""
+    return [i for i in range(min(max_pairs, num_rows)) if not pair_path(folder, i).exists()]
 
 
 def recorded_steps(sampler: EulerSampler, student_timesteps: torch.Tensor) -> tuple[int, ...]:
@@ -114,7 +130,7 @@ class TeacherSampling(L.LightningModule):
 
 
 class ODEPairWriter(BasePredictionWriter):
-    """Writes each predicted `ODEPair` to `folder/{index:06d}.safetensors` as soon as it is made."""
+    """Writes each predicted `ODEPair` to `pair_path(folder, index)` as soon as it is made."""
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__(write_interval="batch")
@@ -131,7 +147,7 @@ class ODEPairWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        prediction.save(self.folder / f"{prediction.index:06d}.safetensors")
+        prediction.save(pair_path(self.folder, prediction.index))
 
 
 class ODEPairDataset(Dataset):

@@ -15,7 +15,8 @@ Stages and what they leave in `--out`:
   export       LoRA merged into the student; the model folder `ShotStreamPipeline.from_pretrained` reads
 After the teacher, ODE, DMD stage-1 and export stages, `samples/<stage>.mp4` shows the first story of the
 training CSV made by that stage's model (seeded). A stage whose output exists is skipped; an interrupted
-stage resumes from its `checkpoints/last.ckpt`.
+stage resumes from its `checkpoints/last.ckpt` (`ode_pairs`: from the pairs it wrote, so raising
+`ode_pairs.max_pairs` samples only the new rows).
 For the 1.3B preset the VAE / text encoder (`encoders`) and the training CSV (`data.csv_path`) are inputs;
 the toy world makes both itself (stages `toy_data` and `encoders`).
 """
@@ -47,7 +48,7 @@ from .dmd_inter_shot import InterShotDMD, merge_student_lora
 from .factory import build_predictor, build_trainer, build_transformer, load_encoders
 from .latent_cache import write_latent_cache
 from .ode import ODERegression
-from .ode_pairs import ODEPairDataModule, ODEPairWriter, TeacherSampling
+from .ode_pairs import ODEPairDataModule, ODEPairWriter, TeacherSampling, rows_to_sample
 from .teacher import TeacherTuning
 from .toy_encoders import VAETraining, VideoWindows, build_toy_text_encoder, finish_encoders, new_toy_vae, window_loader
 from .toy_export import export_stories
@@ -72,11 +73,11 @@ class Recipe:
     def path(self, stage: str, filename: str) -> Path:
         return self.out / stage / filename
 
-    def data(self, stories_only: bool) -> MultiShotDataModule:
+    def data(self, stories_only: bool, predict_rows: list[int] | None = None) -> MultiShotDataModule:
         cfg = self.config
         cache = self.path("latents", "latents.safetensors") if cfg.data.latent_cache else None
         return MultiShotDataModule(
-            cfg.data.csv_path, self.preset, stories_only, cfg.seed, cfg.data.num_workers, latent_cache=cache
+            cfg.data.csv_path, self.preset, stories_only, cfg.seed, cfg.data.num_workers, cache, predict_rows
         )
 
     def transformer(self, weights: Path | str | None):
@@ -127,12 +128,16 @@ class Recipe:
         self.fit(module, self.data(stories_only=False), "teacher", cfg.teacher.steps, cfg.teacher.ema_decay)
 
     def ode_pairs(self) -> None:
+        """Teacher trajectories for the first `max_pairs` rows; rows that already have a pair are skipped."""
         cfg, folder = self.config, self.out / "ode_pairs"
+        rows = rows_to_sample(folder, cfg.ode_pairs.max_pairs, len(read_rows(cfg.data.csv_path)))
+        print(f"[recipe] ode_pairs: {len(rows)} clips to sample into {folder}")
         module = TeacherSampling(self.transformer(self.path("teacher", "teacher.safetensors")), self.encoders,
                                  self.preset, cfg.seed)  # fmt: skip
-        per_device = math.ceil(cfg.ode_pairs.max_pairs / (cfg.system.devices * cfg.system.num_nodes))
+        per_device = math.ceil(len(rows) / (cfg.system.devices * cfg.system.num_nodes))
         trainer = build_predictor(cfg.system, folder, per_device, [ODEPairWriter(folder)])
-        trainer.predict(module, datamodule=self.data(stories_only=False), return_predictions=False)
+        if rows:
+            trainer.predict(module, datamodule=self.data(False, rows), return_predictions=False)
         trainer.strategy.barrier("ode_pairs")
         if trainer.is_global_zero:
             (folder / "COMPLETE").touch()
