@@ -351,15 +351,12 @@ def test_ode_pairs_resume_from_the_written_pairs(csv_path, tmp_path):
     assert rows_to_sample(tmp_path / "killed", max_pairs=5, num_rows=2) == [1]
     predict(tmp_path / "killed", [1])
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["000000.safetensors", "000001.safetensors"]
-    for row in (0, 1):
-        once, resumed = (
-            ODEPair.load(pair_path(tmp_path / "once", row)),
-            ODEPair.load(pair_path(tmp_path / "killed", row)),
-        )
+    pairs = [ODEPair.load(pair_path(tmp_path / "once", row)) for row in (0, 1)]
+    for row, once in enumerate(pairs):
+        resumed = ODEPair.load(pair_path(tmp_path / "killed", row))
         assert once.index == resumed.index == row
         torch.testing.assert_close(resumed.trajectory, once.trajectory, rtol=0, atol=0)
         torch.testing.assert_close(resumed.context_latents, once.context_latents, rtol=0, atol=0)
-    pairs = [ODEPair.load(pair_path(tmp_path / "once", row)) for row in (0, 1)]
     assert not torch.equal(pairs[0].trajectory[:, 0], pairs[1].trajectory[:, 0])  # noise is seeded per row
 
 
