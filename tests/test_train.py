@@ -55,7 +55,7 @@ from train.ode_pairs import (
 from train.recipe import Recipe
 from train.self_forcing import self_forcing_rollout
 from train.teacher import TeacherTuning
-from train.toy_encoders import VAETraining, VideoWindows, new_toy_vae, window_loader
+from train.toy_encoders import DecoderTuning, VAETraining, VideoWindows, new_toy_vae, window_loader
 
 MICRO = dataclasses.replace(TINY, frames_per_shot=6, transformer=dataclasses.replace(TINY.transformer, num_layers=1))
 CONFIGS = Path(__file__).parents[1] / "train" / "configs"
@@ -321,6 +321,23 @@ def test_vae_decoder_steps_leave_the_encoder_untouched(csv_path):
     assert decoder != set() and changed(joint, decoder_only) == decoder
 
 
+def test_decoder_tuning_trains_the_decoder_alone(csv_path):
+    """Stage `vae_decoder` starts from a frozen VAE (as loaded) and moves only the decoder: latents stay the same."""
+    vae = new_toy_vae(MICRO, seed=0).requires_grad_(False)
+    clip = VideoWindows(csv_path, MICRO, clip_frames=5)[0][None]  # (1, 3, 5, H, W)
+    latents_before = vae.encode(clip).latent_dist.mean
+    steps = dataclasses.replace(CONFIG.vae_decoder.steps, max_steps=2)
+    config = dataclasses.replace(CONFIG.vae_decoder, clip_frames=5, batch_size=1, image_steps=1, steps=steps)
+    module, snapshots = DecoderTuning(vae, config, seed=0), Snapshots()
+    windows = window_loader(VideoWindows(csv_path, MICRO, clip_frames=5), batch_size=1, seed=0, num_workers=0)
+    trainer(max_steps=2, callbacks=[snapshots]).fit(module, train_dataloaders=windows)
+    before, images, video = snapshots.states
+    for a, b in [(before, images), (images, video)]:
+        decoder = changed(a, b, "vae.decoder.") | changed(a, b, "vae.post_quant_conv.")
+        assert decoder != set() and changed(a, b) == decoder
+    torch.testing.assert_close(vae.encode(clip).latent_dist.mean, latents_before, rtol=0, atol=0)
+
+
 def test_ode_pairs_then_ode_regression(csv_path, tmp_path):
     sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0)
     assert recorded_steps(sampling.sampler, sampling.student_timesteps) == (0, 13, 25, 37)
@@ -442,6 +459,7 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
         data=dataclasses.replace(CONFIG.data, csv_path=str(tmp_path / "data" / "data.csv"), num_workers=0),
         toy_data=dataclasses.replace(CONFIG.toy_data, stories=2, max_shots=2),
         encoders_stage=dataclasses.replace(CONFIG.encoders_stage, clip_frames=5, steps=steps),
+        vae_decoder=dataclasses.replace(CONFIG.vae_decoder, clip_frames=5, batch_size=1, steps=steps),
         teacher=dataclasses.replace(CONFIG.teacher, steps=steps),
         ode_pairs=dataclasses.replace(CONFIG.ode_pairs, max_pairs=1),
         ode=dataclasses.replace(CONFIG.ode, steps=steps),
@@ -450,11 +468,29 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
     )
     two_steps = dataclasses.replace(MICRO, denoising_steps=(1000, 500), teacher_steps=2)  # ODE pairs: 2 teacher steps
     recipe = Recipe(config, two_steps, tmp_path / "run")
-    stages = ["toy_data", "encoders", "latents", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2"]
+    stages = [
+        "toy_data",
+        "encoders",
+        "vae_decoder",
+        "latents",
+        "teacher",
+        "ode_pairs",
+        "ode",
+        "dmd_stage1",
+        "dmd_stage2",
+    ]
     recipe.run(stages)
     vae_config = json.loads((tmp_path / "encoders" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == 16 and vae_config["latents_mean"] != list(TINY.vae.latents_mean)
     assert recipe.path("latents", "latents.safetensors").is_file()
+    assert recipe.encoders_folder == tmp_path / "run" / "vae_decoder"  # the later stages decode with the new decoder
+    given, tuned = (
+        load_file(str(f / "vae" / "diffusion_pytorch_model.safetensors"))
+        for f in (tmp_path / "encoders", recipe.encoders_folder)
+    )
+    assert (
+        changed(given, tuned) == changed(given, tuned, "decoder.") | changed(given, tuned, "post_quant_conv.") != set()
+    )
     assert {p.name for p in (tmp_path / "run" / "samples").iterdir()} == {"teacher.mp4", "ode.mp4", "dmd_stage1.mp4"}
     for stage, filename in [
         ("teacher", "teacher.safetensors"),

@@ -106,6 +106,21 @@ class EncodersStageConfig:
 
 
 @dataclass(frozen=True)
+class DecoderStageConfig:
+    """Toy world only: fine-tune the VAE decoder alone on the frozen encoder's posterior means.
+
+    The latent space is unchanged, so every stage trained on it stays valid (as Stable Diffusion's decoder
+    fine-tunes); the recipe decodes with this decoder from then on.
+    """
+
+    clip_frames: int  # 4k + 1 frames per training window
+    batch_size: int  # windows per step
+    image_steps: int  # the first steps train on every 4th frame as 1-frame clips (many images per step)
+    optimizer: OptimizerConfig
+    steps: StepsConfig
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """Stage 1, bidirectional next-shot teacher (§5.1)."""
 
@@ -167,6 +182,7 @@ class RecipeConfig:
     system: SystemConfig
     toy_data: ToyDataConfig | None  # None: the training CSV is given
     encoders_stage: EncodersStageConfig | None  # None: the encoders are given (Wan2.1's)
+    vae_decoder: DecoderStageConfig | None  # None: decode with the VAE of `encoders` as it is
     teacher: TeacherConfig
     ode_pairs: ODEPairsConfig
     ode: ODEConfig

@@ -6,6 +6,7 @@
 Stages and what they leave in `--out`:
   toy_data     toy world only: rendered stories             the training CSV at `data.csv_path`
   encoders     0    toy world only: tiny VAE + text encoder   the folder `encoders`
+  vae_decoder  0    toy world only: the decoder fine-tuned    vae_decoder/: `encoders` with the new decoder
   latents           optional: every clip encoded once         latents/latents.safetensors (`data.latent_cache`)
   teacher      1    bidirectional next-shot teacher          teacher/teacher.safetensors
   ode_pairs    2.1a teacher ODE trajectories                  ode_pairs/*.safetensors
@@ -50,10 +51,29 @@ from .latent_cache import write_latent_cache
 from .ode import ODERegression
 from .ode_pairs import ODEPairDataModule, ODEPairWriter, TeacherSampling, rows_to_sample
 from .teacher import TeacherTuning
-from .toy_encoders import VAETraining, VideoWindows, build_toy_text_encoder, finish_encoders, new_toy_vae, window_loader
+from .toy_encoders import (
+    DecoderTuning,
+    VAETraining,
+    VideoWindows,
+    build_toy_text_encoder,
+    finish_encoders,
+    new_toy_vae,
+    window_loader,
+)
 from .toy_export import export_stories
 
-STAGES = ("toy_data", "encoders", "latents", "teacher", "ode_pairs", "ode", "dmd_stage1", "dmd_stage2", "export")
+STAGES = (
+    "toy_data",
+    "encoders",
+    "vae_decoder",
+    "latents",
+    "teacher",
+    "ode_pairs",
+    "ode",
+    "dmd_stage1",
+    "dmd_stage2",
+    "export",
+)
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAMPLED = {"teacher": "teacher/teacher.safetensors", "ode": "ode/student.safetensors",
            "dmd_stage1": "dmd_stage1/generator.safetensors",
@@ -66,9 +86,14 @@ class Recipe:
     def __init__(self, config: RecipeConfig, preset: ShotStreamPreset, out: Path) -> None:
         self.config, self.preset, self.out = config, preset, out
 
+    @property
+    def encoders_folder(self) -> Path:
+        """The frozen VAE and text encoder: `vae_decoder/` (the same encoder, fine-tuned decoder) if in the recipe."""
+        return self.out / "vae_decoder" if self.config.vae_decoder is not None else Path(self.config.encoders)
+
     @cached_property
     def encoders(self) -> FrozenEncoders:
-        return load_encoders(self.config.encoders, self.preset)
+        return load_encoders(self.encoders_folder, self.preset)
 
     def path(self, stage: str, filename: str) -> Path:
         return self.out / stage / filename
@@ -112,6 +137,21 @@ class Recipe:
             text = build_toy_text_encoder(self.preset, cfg.seed)
             finish_encoders(module.vae, text, windows, Path(cfg.encoders))
         trainer.strategy.barrier("encoders")
+
+    def tune_decoder(self) -> None:
+        """Stage 0b: fine-tune the decoder of `encoders` alone; write the result as a full encoders folder."""
+        cfg, stage = self.config, self.config.vae_decoder
+        given = load_encoders(cfg.encoders, self.preset)
+        windows = VideoWindows(cfg.data.csv_path, self.preset, stage.clip_frames)
+        module = DecoderTuning(given.vae.vae, stage, cfg.seed)
+        trainer = build_trainer(cfg.system, stage.steps, self.out / "vae_decoder")
+        trainer.fit(
+            module,
+            train_dataloaders=window_loader(windows, stage.batch_size, cfg.seed, cfg.data.num_workers),
+            ckpt_path="last",
+        )
+        given.text_encoder.save_pretrained(self.encoders_folder)
+        module.vae.save_pretrained(self.encoders_folder / "vae")  # last: its config.json marks the stage done
 
     def latents(self) -> None:
         """Encode every training clip once (`train.latent_cache`); later stages read latents, not mp4s."""
@@ -201,6 +241,7 @@ class Recipe:
         return {
             "toy_data": (self.toy_data, Path(cfg.data.csv_path)),
             "encoders": (self.train_encoders, Path(cfg.encoders) / "vae" / "config.json"),
+            "vae_decoder": (self.tune_decoder, self.path("vae_decoder", "vae/config.json")),
             "latents": (self.latents, self.path("latents", "latents.safetensors")),
             "teacher": (self.teacher, self.path("teacher", "teacher.safetensors")),
             "ode_pairs": (self.ode_pairs, self.path("ode_pairs", "COMPLETE")),
@@ -215,6 +256,7 @@ class Recipe:
         not_in_recipe = {
             "toy_data": cfg.toy_data is None,
             "encoders": cfg.encoders_stage is None,
+            "vae_decoder": cfg.vae_decoder is None,
             "latents": not cfg.data.latent_cache,
         }
         for name in names:

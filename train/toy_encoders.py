@@ -29,7 +29,7 @@ from shotstream.vae import build_vae
 from shotstream.video_io import read_video
 
 from .conditioning import step_generator
-from .config import EncodersStageConfig
+from .config import DecoderStageConfig, EncodersStageConfig
 from .data import EpochShuffle, read_rows, to_pixels
 from .optim import adamw, clip_gradients
 from .toyworld import caption_vocabulary
@@ -65,7 +65,7 @@ class VideoWindows(Dataset):
 class VAETraining(L.LightningModule):
     """Reconstruction training of the tiny Wan VAE on video windows `(B, 3, T, H, W)`."""
 
-    def __init__(self, vae: AutoencoderKLWan, config: EncodersStageConfig, seed: int) -> None:
+    def __init__(self, vae: AutoencoderKLWan, config: EncodersStageConfig | DecoderStageConfig, seed: int) -> None:
         super().__init__()
         self.vae, self.config, self.seed = vae, config, seed
 
@@ -110,6 +110,24 @@ class VAETraining(L.LightningModule):
     def exports(self, state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """No safetensors of its own: `finish_encoders` writes the diffusers folder."""
         return {}
+
+
+class DecoderTuning(VAETraining):
+    """The decoder alone, trained further on the frozen encoder's posterior means (`decoder_step`).
+
+    The encoder and its `quant_conv` are frozen, so the latents (and every model trained on them) stay valid;
+    the first `image_steps` train on single frames (the spatial path), the rest on whole windows.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan, config: DecoderStageConfig, seed: int) -> None:
+        super().__init__(vae, config, seed)
+        vae.requires_grad_(True)
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+
+    @property
+    def decoder_only(self) -> bool:
+        return True
 
 
 def window_loader(dataset: VideoWindows, batch_size: int, seed: int, num_workers: int) -> DataLoader:
