@@ -28,7 +28,7 @@ from shotstream.vae import VideoVAE, build_vae
 from shotstream.video_io import write_mp4
 from train.callbacks import PeriodicCheckpoint
 from train.conditioning import FrozenEncoders
-from train.config import OptimizerConfig, from_dict, load_config
+from train.config import DecoderStageConfig, OptimizerConfig, from_dict, load_config
 from train.data import (
     ClipDataset,
     EncodedClipDataset,
@@ -326,8 +326,8 @@ def test_decoder_tuning_trains_the_decoder_alone(csv_path):
     vae = new_toy_vae(MICRO, seed=0).requires_grad_(False)
     clip = VideoWindows(csv_path, MICRO, clip_frames=5)[0][None]  # (1, 3, 5, H, W)
     latents_before = vae.encode(clip).latent_dist.mean
-    steps = dataclasses.replace(CONFIG.vae_decoder.steps, max_steps=2)
-    config = dataclasses.replace(CONFIG.vae_decoder, clip_frames=5, batch_size=1, image_steps=1, steps=steps)
+    steps = dataclasses.replace(CONFIG.encoders_stage.steps, max_steps=2)
+    config = DecoderStageConfig(5, batch_size=1, image_steps=1, optimizer=CONFIG.encoders_stage.optimizer, steps=steps)
     module, snapshots = DecoderTuning(vae, config, seed=0), Snapshots()
     windows = window_loader(VideoWindows(csv_path, MICRO, clip_frames=5), batch_size=1, seed=0, num_workers=0)
     trainer(max_steps=2, callbacks=[snapshots]).fit(module, train_dataloaders=windows)
@@ -459,7 +459,9 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
         data=dataclasses.replace(CONFIG.data, csv_path=str(tmp_path / "data" / "data.csv"), num_workers=0),
         toy_data=dataclasses.replace(CONFIG.toy_data, stories=2, max_shots=2),
         encoders_stage=dataclasses.replace(CONFIG.encoders_stage, clip_frames=5, steps=steps),
-        vae_decoder=dataclasses.replace(CONFIG.vae_decoder, clip_frames=5, batch_size=1, steps=steps),
+        vae_decoder=DecoderStageConfig(
+            5, batch_size=1, image_steps=0, optimizer=CONFIG.encoders_stage.optimizer, steps=steps
+        ),
         teacher=dataclasses.replace(CONFIG.teacher, steps=steps),
         ode_pairs=dataclasses.replace(CONFIG.ode_pairs, max_pairs=1),
         ode=dataclasses.replace(CONFIG.ode, steps=steps),
