@@ -52,7 +52,7 @@ from train.ode_pairs import (
     recorded_steps,
     rows_to_sample,
 )
-from train.recipe import Recipe
+from train.recipe import STAGES, Recipe
 from train.self_forcing import self_forcing_rollout
 from train.teacher import TeacherTuning
 from train.toy_encoders import DecoderTuning, VAETraining, VideoWindows, new_toy_vae, window_loader
@@ -470,17 +470,7 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
     )
     two_steps = dataclasses.replace(MICRO, denoising_steps=(1000, 500), teacher_steps=2)  # ODE pairs: 2 teacher steps
     recipe = Recipe(config, two_steps, tmp_path / "run")
-    stages = [
-        "toy_data",
-        "encoders",
-        "vae_decoder",
-        "latents",
-        "teacher",
-        "ode_pairs",
-        "ode",
-        "dmd_stage1",
-        "dmd_stage2",
-    ]
+    stages = list(STAGES[:-1])  # every stage but the final export
     recipe.run(stages)
     vae_config = json.loads((tmp_path / "encoders" / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == 16 and vae_config["latents_mean"] != list(TINY.vae.latents_mean)
