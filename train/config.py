@@ -113,7 +113,7 @@ class DecoderStageConfig:
     fine-tunes); the recipe decodes with this decoder from then on.
     """
 
-    clip_frames: int  # 4k + 1 frames per training window
+    clip_frames: int  # 4k + 1 frames per window, a whole shot: trained on 9, the causal decoder drifts over 33
     batch_size: int  # windows per step
     image_steps: int  # the first steps train on every 4th frame as 1-frame clips (many images per step)
     optimizer: OptimizerConfig
