@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from safetensors.torch import load_file, save_file
 
+from shotstream.context_sampling import plan_context
 from shotstream.presets import TINY
 from shotstream.sampling import ShotConditioning
 from shotstream.scheduler import FlowMatchTable
@@ -33,6 +34,7 @@ from train.data import (
     ClipDataset,
     EncodedClipDataset,
     MultiShotDataModule,
+    read_rows,
     sample_clip_frames,
     shot_labels,
     truncate_4k1,
@@ -339,7 +341,7 @@ def test_decoder_tuning_trains_the_decoder_alone(csv_path):
 
 
 def test_ode_pairs_then_ode_regression(csv_path, tmp_path):
-    sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0)
+    sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0, first_shot_fraction=0.0)
     assert recorded_steps(sampling.sampler, sampling.student_timesteps) == (0, 13, 25, 37)
     trainer(limit_predict_batches=1, callbacks=[ODEPairWriter(tmp_path)]).predict(
         sampling, datamodule=clip_data(csv_path), return_predictions=False
@@ -354,9 +356,26 @@ def test_ode_pairs_then_ode_regression(csv_path, tmp_path):
     assert changed(*snapshots.states, "student.")
 
 
+def test_first_shot_ode_pairs_condition_like_the_first_shot_at_inference(csv_path, tmp_path):
+    """`first_shot_fraction`: no context and the first caption alone, as `plan_context` plans shot 1."""
+    sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0, first_shot_fraction=1.0)
+    trainer(limit_predict_batches=1, callbacks=[ODEPairWriter(tmp_path)]).predict(
+        sampling, datamodule=clip_data(csv_path), return_predictions=False
+    )
+    (path,) = tmp_path.glob("*.safetensors")
+    pair, first = ODEPair.load(path), plan_context([], MICRO.context_frames)
+    assert pair.captions == read_rows(csv_path)[pair.index].captions()[:1]
+    assert tuple(pair.context_flags.tolist()) == first.flags and pair.shot_flag == first.shot_flag
+    assert not pair.context_latents.any()
+    module = ODERegression(make_transformer(), make_encoders(), MICRO, CONFIG.ode, seed=0)
+    snapshots = Snapshots()
+    trainer(fast_dev_run=True, callbacks=[snapshots]).fit(module, datamodule=ODEPairDataModule(tmp_path, 0, 0))
+    assert changed(*snapshots.states, "student.")
+
+
 def test_ode_pairs_resume_from_the_written_pairs(csv_path, tmp_path):
     """A killed ODE-pair run resumes with the rows that have no file and makes the same pairs as one run."""
-    sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0)
+    sampling = TeacherSampling(make_transformer(), make_encoders(), MICRO, seed=0, first_shot_fraction=0.0)
 
     def predict(folder: Path, rows: list[int]) -> None:
         data = MultiShotDataModule(str(csv_path), MICRO, False, seed=0, num_workers=0, predict_rows=rows)

@@ -139,6 +139,9 @@ class ODEPairsConfig:
     """Stage 2.1a, teacher sampling of ODE trajectories (§5.2); steps and CFG scale come from the preset."""
 
     max_pairs: int  # clips of the training CSV to sample (reference: ~5K)
+    # share of pairs sampled as a story's first shot (no context, its caption alone), as the student meets shot 1
+    # at inference; reference: 0 (next-shot clips only)
+    first_shot_fraction: float
 
 
 @dataclass(frozen=True)

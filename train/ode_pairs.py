@@ -4,6 +4,8 @@ For every training clip the teacher runs its 50-step Euler sampler with CFG 6 (n
 unconditional branch) on ground-truth context, from noise of the ground-truth target length. The latents
 *before* the steps whose timesteps are the student's warped steps (steps 0, 13, 25, 37 of 50: t = 1000,
 957.93, 888.89, 737.59) and the final sample are saved: the ODE trajectory the student regresses on.
+A seeded share of rows (`first_shot_fraction`; reference 0, tiny 0.25) is sampled as its story's first shot
+instead (`as_first_shot`: no context, the first caption alone), the one shot next-shot clips never show.
 
 Sampling is a Lightning `predict` run (`TeacherSampling` + `ODEPairWriter`), so it shards over devices.
 One `.safetensors` file per clip, named by CSV row (`pair_path`) and written atomically, so a killed run
@@ -27,7 +29,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from shotstream.presets import ShotStreamPreset
-from shotstream.sampling import teacher_sample
+from shotstream.sampling import ShotConditioning, teacher_sample
 from shotstream.scheduler import EulerSampler, FlowMatchTable
 from shotstream.transformer import ShotStreamTransformer
 
@@ -98,11 +100,13 @@ class TeacherSampling(L.LightningModule):
     """`predict_step`: one clip -> one `ODEPair` (no training)."""
 
     def __init__(
-        self, teacher: ShotStreamTransformer, encoders: FrozenEncoders, preset: ShotStreamPreset, seed: int
-    ) -> None:
+        self, teacher: ShotStreamTransformer, encoders: FrozenEncoders, preset: ShotStreamPreset, seed: int,
+        first_shot_fraction: float,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.encoders, self.seed, self.guidance = encoders, seed, preset.teacher_guidance
+        self.first_shot_fraction = first_shot_fraction
         self.sampler = EulerSampler(preset.teacher_steps, preset.timestep_shift)
         self.student_timesteps = FlowMatchTable(preset.timestep_shift).warp(preset.denoising_steps)
         self.record = recorded_steps(self.sampler, self.student_timesteps)
@@ -111,7 +115,9 @@ class TeacherSampling(L.LightningModule):
         self.encoders.to(self.device)
 
     def predict_step(self, batch: ClipSample, batch_idx: int) -> ODEPair:
-        cond = self.encoders.clip_conditioning(batch)
+        cond, captions = self.encoders.clip_conditioning(batch), batch.captions
+        if torch.rand((), generator=step_generator(self.seed, batch.index, 1)) < self.first_shot_fraction:
+            cond, captions = as_first_shot(cond), captions[:1]
         x0 = self.encoders.clip_target(batch)  # (1, C, F, h, w): only its shape is used
         noise = randn_like(x0, step_generator(self.seed, batch.index, 0))
         sample, recorded = teacher_sample(
@@ -124,9 +130,19 @@ class TeacherSampling(L.LightningModule):
             shot_flag=cond.shot_flag,
             trajectory=trajectory,
             timesteps=torch.cat([self.student_timesteps, torch.zeros(1)]),
-            captions=batch.captions,
+            captions=captions,
             index=batch.index,
         )
+
+
+def as_first_shot(cond: ShotConditioning) -> ShotConditioning:
+    """The conditioning of a story's first shot at inference: zero context and flags, flag 1, caption 0 alone."""
+    return ShotConditioning(
+        context_latents=torch.zeros_like(cond.context_latents),
+        context_flags=torch.zeros_like(cond.context_flags),
+        shot_flag=1,
+        caption_embeds=cond.caption_embeds[:1],  # (1, text_len, text_dim): one caption routes to every frame
+    )
 
 
 class ODEPairWriter(BasePredictionWriter):

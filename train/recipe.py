@@ -173,7 +173,7 @@ class Recipe:
         rows = rows_to_sample(folder, cfg.ode_pairs.max_pairs, len(read_rows(cfg.data.csv_path)))
         print(f"[recipe] ode_pairs: {len(rows)} clips to sample into {folder}")
         module = TeacherSampling(self.transformer(self.path("teacher", "teacher.safetensors")), self.encoders,
-                                 self.preset, cfg.seed)  # fmt: skip
+                                 self.preset, cfg.seed, cfg.ode_pairs.first_shot_fraction)  # fmt: skip
         per_device = math.ceil(len(rows) / (cfg.system.devices * cfg.system.num_nodes))
         trainer = build_predictor(cfg.system, folder, per_device, [ODEPairWriter(folder)])
         if rows:
