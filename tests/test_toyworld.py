@@ -182,3 +182,16 @@ def test_results_script_writes_every_variant_and_the_targets(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| first_frame_context |" in table and "shot_size ≥ 0.9" in table and "stage1+2 ≥ stage1" in table
     assert set(VARIANTS) >= set(results)
+
+
+def test_target_checks_compare_stage2_with_stage1_at_shots_4_and_5():
+    from train.evaluate import target_checks
+
+    def row(inter_shot: dict[str, float]) -> dict:
+        return {"overall": dict.fromkeys(METRICS, 0.0), "by_shot": {"inter_shot": inter_shot}}
+
+    for final, verdict in ((0.2, "0.20 vs 0.10 — met"), (0.0, "0.00 vs 0.10 — NOT met")):
+        results = {"stage1+2": row({"4": final, "5": final}), "stage1": row({"4": 0.1, "5": 0.1, "2": 0.9})}
+        for name in results:
+            results[name]["by_shot"].update({m: {} for m in ("core_consistency", "landmark_consistency")})
+        assert target_checks(results)[-1].endswith(verdict)

@@ -147,11 +147,10 @@ def target_checks(results: dict) -> list[str]:
         shown = ", ".join(_cell(v) for v in values)
         lines.append(f"- {metric} ≥ {target} at shots 2-5: {shown} — {'met' if met else 'NOT met'}")
     if "stage1" in results:
-        later = [
-            (results[name]["by_shot"]["inter_shot"].get(str(k), np.nan) for k in (4, 5))
+        mine, base = (
+            np.nanmean([results[name]["by_shot"]["inter_shot"].get(str(k), np.nan) for k in (4, 5)])
             for name in ("stage1+2", "stage1")
-        ]
-        mine, base = (np.nanmean(list(v)) for v in later)
+        )
         lines.append(
             f"- inter-shot consistency at shots 4-5, stage1+2 ≥ stage1: {_cell(mine)} vs {_cell(base)} — "
             f"{'met' if mine >= base else 'NOT met'}"
