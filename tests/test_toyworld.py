@@ -188,10 +188,9 @@ def test_target_checks_compare_stage2_with_stage1_at_shots_4_and_5():
     from train.evaluate import target_checks
 
     def row(inter_shot: dict[str, float]) -> dict:
-        return {"overall": dict.fromkeys(METRICS, 0.0), "by_shot": {"inter_shot": inter_shot}}
+        by_shot = {"inter_shot": inter_shot, "core_consistency": {}, "landmark_consistency": {}}
+        return {"overall": dict.fromkeys(METRICS, 0.0), "by_shot": by_shot}
 
     for final, verdict in ((0.2, "0.20 vs 0.10 — met"), (0.0, "0.00 vs 0.10 — NOT met")):
         results = {"stage1+2": row({"4": final, "5": final}), "stage1": row({"4": 0.1, "5": 0.1, "2": 0.9})}
-        for name in results:
-            results[name]["by_shot"].update({m: {} for m in ("core_consistency", "landmark_consistency")})
         assert target_checks(results)[-1].endswith(verdict)

@@ -100,16 +100,19 @@ def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
 
 
-def drop_context(cond: ShotConditioning, p: float, generator: torch.Generator) -> ShotConditioning:
-    """Context dropout (§5.1): with probability `p` zero latents and flags; the target flag becomes 1."""
-    if torch.rand((), generator=generator) >= p:
-        return cond
+def without_context(cond: ShotConditioning) -> ShotConditioning:
+    """Zero context latents and flags; the target flag becomes 1 (the captions are kept)."""
     return ShotConditioning(
         context_latents=torch.zeros_like(cond.context_latents),
         context_flags=torch.zeros_like(cond.context_flags),
         shot_flag=1,
         caption_embeds=cond.caption_embeds,
     )
+
+
+def drop_context(cond: ShotConditioning, p: float, generator: torch.Generator) -> ShotConditioning:
+    """Context dropout (§5.1): with probability `p`, `without_context`."""
+    return cond if torch.rand((), generator=generator) >= p else without_context(cond)
 
 
 def drop_text(

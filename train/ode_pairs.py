@@ -16,6 +16,7 @@ folder of them back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from shotstream.sampling import ShotConditioning, teacher_sample
 from shotstream.scheduler import EulerSampler, FlowMatchTable
 from shotstream.transformer import ShotStreamTransformer
 
-from .conditioning import FrozenEncoders, randn_like, step_generator
+from .conditioning import FrozenEncoders, randn_like, step_generator, without_context
 from .data import ClipSample, EpochShuffle, collate_one
 
 
@@ -137,12 +138,8 @@ class TeacherSampling(L.LightningModule):
 
 def as_first_shot(cond: ShotConditioning) -> ShotConditioning:
     """The conditioning of a story's first shot at inference: zero context and flags, flag 1, caption 0 alone."""
-    return ShotConditioning(
-        context_latents=torch.zeros_like(cond.context_latents),
-        context_flags=torch.zeros_like(cond.context_flags),
-        shot_flag=1,
-        caption_embeds=cond.caption_embeds[:1],  # (1, text_len, text_dim): one caption routes to every frame
-    )
+    first = without_context(cond)
+    return dataclasses.replace(first, caption_embeds=first.caption_embeds[:1])  # one caption routes to every frame
 
 
 class ODEPairWriter(BasePredictionWriter):
