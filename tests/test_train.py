@@ -296,30 +296,6 @@ def test_teacher_text_dropout_feeds_the_configured_uncondition(csv_path, to):
     torch.testing.assert_close(embeds, expected)
 
 
-def test_teacher_noise_draws_average_the_loss_of_separate_draws(csv_path):
-    """K draws of one clip: one batch whose loss is the mean of K single-draw losses (same context, own t and eps)."""
-    config = dataclasses.replace(CONFIG.teacher, noise_draws=3, context_dropout=0.0, text_dropout=0.0)
-    encoders, before = make_encoders(), make_transformer()
-    module = TeacherTuning(make_transformer(), encoders, MICRO, config, seed=0, round_timesteps_to_bf16=False)
-    seen, targets, losses = [], [], []
-    module.teacher.register_forward_pre_hook(lambda _, args: seen.append([a.clone() for a in args]))
-    clip_target = encoders.clip_target
-    encoders.clip_target = lambda clip: targets.append(clip_target(clip)) or targets[-1]
-    module.on_train_batch_end = lambda outputs, batch, batch_idx: losses.append(outputs["loss"].detach())
-    trainer(fast_dev_run=True).fit(module, datamodule=clip_data(csv_path))
-    (latents, t, embeds, flags, positions), (x0,), (loss,) = seen[0], targets, losses
-    num_context = latents.shape[2] - x0.shape[2]
-    assert latents.shape[0] == 3 and len(set(t.tolist())) == 3
-    assert all(torch.equal(latents[0, :, :num_context], latents[k, :, :num_context]) for k in (1, 2))
-    table, singles = FlowMatchTable(MICRO.timestep_shift), []
-    for k in range(3):
-        sigma = table.sigma(t[k : k + 1])
-        noise = (latents[k : k + 1, :, num_context:] - (1 - sigma) * x0) / sigma  # eps of draw k
-        flow = before(latents[k : k + 1], t[k : k + 1], embeds, flags, positions)[:, :, num_context:]
-        singles.append(flow_matching_loss(flow, noise, x0, table.training_weight(t[k : k + 1])))
-    torch.testing.assert_close(loss, torch.stack(singles).mean(), rtol=1e-4, atol=1e-5)
-
-
 def test_teacher_ema_exports_the_averaged_weights(csv_path, tmp_path):
     """EMA (decay 0.5) runs before the export: teacher.safetensors = 0.25 w1 + 0.25 w2 + 0.5 w3, not w3."""
     module = TeacherTuning(make_transformer(), make_encoders(), MICRO, CONFIG.teacher, 0, round_timesteps_to_bf16=False)

@@ -130,13 +130,8 @@ class TeacherConfig:
     text_dropout: float
     text_dropout_to: Literal["zeros", "negative_prompt"]  # reference: zeros; the CFG uncond is the negative prompt
     ema_decay: float | None  # EMA of the weights, exported instead of the last step (toy world); None = off (§5.6)
-    noise_draws: int  # (t, eps) draws of the one clip per step, one batch (reference: 1)
     optimizer: OptimizerConfig
     steps: StepsConfig
-
-    def __post_init__(self) -> None:
-        if self.noise_draws < 1:
-            raise ValueError(f"teacher.noise_draws must be >= 1, got {self.noise_draws}")
 
 
 @dataclass(frozen=True)

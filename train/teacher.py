@@ -3,8 +3,7 @@
 Per step, for one clip (`data.ClipSample`):
   1. encode the context frames one by one and the target shot as a clip (frozen VAE), and the captions;
   2. context dropout and text dropout (10 % each, independent);
-  3. `t = timesteps[U{0..999}]`, one per sample; `x_t = (1 - sigma) x0 + sigma eps` for the target
-     (`noise_draws` samples of the one clip, each with its own t and eps; the reference: 1);
+  3. `t = timesteps[U{0..999}]`, one per sample; `x_t = (1 - sigma) x0 + sigma eps` for the target;
   4. frame-concat `[context (clean) ; x_t]` with flags `[context flags ; last + 1]`, positions `0..Nc+F-1`,
      and the target's t for *every* frame, context included (quirk 19);
   5. loss `w(t) * MSE(v[:, :, Nc:], eps - x0)`.
@@ -72,15 +71,13 @@ class TeacherTuning(L.LightningModule):
         # 1-2. encoders, dropout
         cond = drop_context(self.encoders.clip_conditioning(batch), self.config.context_dropout, generator)
         embeds = drop_text(cond.caption_embeds, self.config.text_dropout, generator, self.text_uncond())
-        draws = self.config.noise_draws
-        x0 = self.encoders.clip_target(batch).expand(draws, -1, -1, -1, -1)  # (K, C, F, h, w)
-        # 3. noise the target at K table timesteps
-        t = sample_timesteps(self.table, draws, generator, self.round_timesteps_to_bf16).to(self.device)  # (K,)
+        x0 = self.encoders.clip_target(batch)  # (1, C, F, h, w)
+        # 3. noise the target at one table timestep
+        t = sample_timesteps(self.table, 1, generator, self.round_timesteps_to_bf16).to(self.device)  # (1,)
         noise = randn_like(x0, generator)
         x_t = self.table.add_noise(x0, noise, t)
         # 4. frame-concat forward, context frames at the target's t
-        context = cond.context_latents.expand(draws, -1, -1, -1, -1)
-        latents = torch.cat([context, x_t], dim=2)  # (K, C, Nc + F, h, w)
+        latents = torch.cat([cond.context_latents, x_t], dim=2)  # (1, C, Nc + F, h, w)
         flags = frame_flags(cond, x0.shape[2])
         flow = self.teacher(latents, t, embeds, flags, torch.arange(flags.shape[0]))[:, :, cond.num_context :]
         # 5. weighted flow matching
