@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import load_transformer_weights
 from .context_sampling import ContextPlan, plan_context, reusable_frames, shot_ranges
-from .presets import ShotStreamPreset, get_preset
+from .presets import ShotStreamPreset, get_preset, preset_from_dict, preset_to_dict
 from .sampling import GeneratorNoise, NoiseSource, ShotConditioning, StudentSampler, teacher_sample
 from .scheduler import EulerSampler, FlowMatchTable
 from .story import ShotMemory, Story, StoryError
@@ -34,7 +34,23 @@ from .text import TextEncoder, build_text_encoder, build_word_tokenizer, clean_t
 from .transformer import ShotStreamTransformer
 from .vae import VideoVAE, build_vae, to_uint8
 
-BUNDLE_FILE = "shotstream.json"  # marks a folder written by `save_pretrained`
+BUNDLE_FILE = "shotstream.json"  # marks a folder written by `save_pretrained`; holds the model's whole preset
+BUNDLE_FORMAT = 2  # 1: the preset's name only (read from the presets table); 2: every preset field
+
+
+def read_bundle_preset(marker: Path) -> ShotStreamPreset:
+    """The preset a model folder was saved with (format 2), so that a later edit of the presets table
+    (a new timestep shift, other denoising steps) cannot silently change how old weights are run.
+    Format 1 files name a preset of the table. Raises ValueError saying what is wrong with the file."""
+    try:
+        bundle = json.loads(marker.read_text(encoding="utf-8"))
+        if not isinstance(bundle, dict) or bundle.get("format") not in (1, BUNDLE_FORMAT):
+            raise ValueError(f"expected a JSON object with format 1 or {BUNDLE_FORMAT}")
+        if bundle["format"] == 1:
+            return get_preset(bundle["preset"])
+        return preset_from_dict(bundle["preset"])
+    except (ValueError, KeyError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{marker} is corrupt or from a newer version: {error}") from None
 
 
 @dataclass
@@ -140,7 +156,7 @@ class ShotStreamPipeline:
                 f"{folder} is not a ShotStream model folder (no {BUNDLE_FILE}); build one with "
                 "`python -m train.recipe` or pass preset= and weights= for the published model"
             )
-        preset = get_preset(json.loads(marker.read_text())["preset"])
+        preset = read_bundle_preset(marker)
         transformer = ShotStreamTransformer.from_preset(preset.transformer)
         load_transformer_weights(transformer, folder / "transformer" / "diffusion_pytorch_model.safetensors")
         vae = VideoVAE.from_pretrained(str(folder), local_files_only=True)
@@ -155,7 +171,8 @@ class ShotStreamPipeline:
         self.transformer.save_pretrained(folder / "transformer")
         self.vae.save_pretrained(folder)
         self.text_encoder.save_pretrained(folder)
-        (folder / BUNDLE_FILE).write_text(json.dumps({"preset": self.preset.name, "format": 1}, indent=1) + "\n")
+        bundle = {"format": BUNDLE_FORMAT, "preset": preset_to_dict(self.preset)}
+        (folder / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ generation
 

@@ -7,7 +7,7 @@ The CLI (`--preset`), the app and the tests all read this table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 # Wan2.1 VAE latent statistics (reference `WanVAEWrapper`, also in the diffusers VAE config).
@@ -177,6 +177,36 @@ TINY = ShotStreamPreset(
 
 PRESETS: dict[str, ShotStreamPreset] = {p.name: p for p in (TINY, WAN21_1_3B)}
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"  # the shipped `tiny` model folder
+
+
+def preset_to_dict(preset: ShotStreamPreset) -> dict:
+    """Every field of `preset` as JSON-ready values (what a model folder's `shotstream.json` stores)."""
+    return asdict(preset)
+
+
+def preset_from_dict(values: dict) -> ShotStreamPreset:
+    """Inverse of `preset_to_dict`; raises ValueError naming a missing or unknown field."""
+    return _from_dict(ShotStreamPreset, values, "preset")
+
+
+_NESTED = {"transformer": TransformerConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
+
+
+def _from_dict(cls: type, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+    names = {f.name for f in fields(cls)}
+    if unknown := sorted(set(values) - names):
+        raise ValueError(f"{where}: unknown field(s) {unknown}")
+    kwargs = {}
+    for name, value in values.items():
+        if cls is ShotStreamPreset and name in _NESTED:
+            value = _from_dict(_NESTED[name], value, f"{where}.{name}")
+        kwargs[name] = tuple(value) if isinstance(value, list) else value  # JSON arrays are the tuple fields
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field is missing
+        raise ValueError(f"{where}: {error}") from None
 
 
 def get_preset(name: str) -> ShotStreamPreset:

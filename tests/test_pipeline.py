@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -11,6 +12,7 @@ import torch
 
 from shotstream.context_sampling import reusable_frames
 from shotstream.pipeline import ShotStreamPipeline
+from shotstream.presets import get_preset, preset_to_dict
 from shotstream.sampling import teacher_sample
 from shotstream.scheduler import EulerSampler
 from shotstream.story import StoryError, parse_story_json
@@ -194,6 +196,32 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert np.array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="not a ShotStream model folder"):
         ShotStreamPipeline.from_pretrained(tmp_path)
+
+
+def test_model_folder_keeps_its_own_preset(pipe, tmp_path):
+    """A model folder runs as it was saved, not as the presets table says today; old and bad files are clear."""
+    changed = dataclasses.replace(pipe.preset, timestep_shift=3.0, denoising_steps=(1000, 500))
+    saved = ShotStreamPipeline(changed, pipe.transformer, pipe.vae, pipe.text_encoder)
+    saved.save_pretrained(tmp_path / "model")
+    loaded = ShotStreamPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.preset == changed and loaded.preset != get_preset("tiny")
+    _, a = saved.generate_story(CAPTION, PROMPTS[:1], seed=2)
+    _, b = loaded.generate_story(CAPTION, PROMPTS[:1], seed=2)
+    assert np.array_equal(a, b)
+
+    marker = tmp_path / "model" / "shotstream.json"
+    marker.write_text('{"preset": "tiny", "format": 1}')  # the first format: a name from the presets table
+    assert ShotStreamPipeline.from_pretrained(tmp_path / "model").preset == get_preset("tiny")
+    bundle = {"format": 2, "preset": preset_to_dict(changed) | {"frames_per_clip": 9}}
+    for text, message in [
+        ("{not json", "corrupt"),
+        ('{"preset": "tiny", "format": 7}', "format 1 or 2"),
+        ('{"preset": "huge", "format": 1}', "unknown preset"),
+        (json.dumps(bundle), "unknown field.*frames_per_clip"),
+    ]:
+        marker.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ShotStreamPipeline.from_pretrained(tmp_path / "model")
 
 
 def test_published_checkpoint_path_with_a_diffusers_base_folder(pipe, tmp_path):
