@@ -191,6 +191,10 @@ def test_target_checks_compare_stage2_with_stage1_at_shots_4_and_5():
         by_shot = {"inter_shot": inter_shot, "core_consistency": {}, "landmark_consistency": {}}
         return {"overall": dict.fromkeys(METRICS, 0.0), "by_shot": by_shot}
 
-    for final, verdict in ((0.2, "0.20 vs 0.10 — met"), (0.0, "0.00 vs 0.10 — NOT met")):
+    for final, verdict in (
+        (0.2, "0.200 vs 0.100 — met"),
+        (0.0, "0.000 vs 0.100 — NOT met"),
+        (0.0996, "0.100 vs 0.100 — NOT met"),
+    ):
         results = {"stage1+2": row({"4": final, "5": final}), "stage1": row({"4": 0.1, "5": 0.1, "2": 0.9})}
         assert target_checks(results)[-1].endswith(verdict)

@@ -129,22 +129,23 @@ def evaluate_variant(generate: Generate, stories: list[ToyStory]) -> dict:
     return {"overall": scores["overall"], "by_shot": scores["by_shot"], "seconds_per_story": seconds / len(stories)}
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None or np.isnan(value) else f"{value:.2f}"
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None or np.isnan(value) else f"{value:.{digits}f}"
 
 
 def target_checks(results: dict) -> list[str]:
-    """The issue's targets for the shipped student (stage1+2), each with its measured value."""
+    """The issue's targets for the shipped student (stage1+2), each with its measured value (3 decimals, so that
+    a miss such as 0.896 against 0.9 does not read as 0.90)."""
     if "stage1+2" not in results:
         return []
     final, lines = results["stage1+2"], []
     for metric, target in TARGETS.items():
         value = final["overall"][metric]
-        lines.append(f"- {metric} ≥ {target}: {_cell(value)} — {'met' if value >= target else 'NOT met'}")
+        lines.append(f"- {metric} ≥ {target}: {_cell(value, 3)} — {'met' if value >= target else 'NOT met'}")
     for metric, target in MEMORY_TARGETS.items():
         values = [final["by_shot"][metric].get(str(k), np.nan) for k in range(2, 6)]
         met = all(v >= target for v in values if not np.isnan(v))
-        shown = ", ".join(_cell(v) for v in values)
+        shown = ", ".join(_cell(v, 3) for v in values)
         lines.append(f"- {metric} ≥ {target} at shots 2-5: {shown} — {'met' if met else 'NOT met'}")
     if "stage1" in results:
         mine, base = (
@@ -152,7 +153,7 @@ def target_checks(results: dict) -> list[str]:
             for name in ("stage1+2", "stage1")
         )
         lines.append(
-            f"- inter-shot consistency at shots 4-5, stage1+2 ≥ stage1: {_cell(mine)} vs {_cell(base)} — "
+            f"- inter-shot consistency at shots 4-5, stage1+2 ≥ stage1: {_cell(mine, 3)} vs {_cell(base, 3)} — "
             f"{'met' if mine >= base else 'NOT met'}"
         )
     return lines
