@@ -38,7 +38,7 @@ BUNDLE_FILE = "shotstream.json"  # marks a folder written by `save_pretrained`; 
 BUNDLE_FORMAT = 2  # 1: the preset's name only (read from the presets table); 2: every preset field
 
 
-def read_bundle_preset(marker: Path) -> ShotStreamPreset:
+def _read_bundle_preset(marker: Path) -> ShotStreamPreset:
     """The preset a model folder was saved with (format 2), so that a later edit of the presets table
     (a new timestep shift, other denoising steps) cannot silently change how old weights are run.
     Format 1 files name a preset of the table. Raises ValueError saying what is wrong with the file."""
@@ -156,7 +156,7 @@ class ShotStreamPipeline:
                 f"{folder} is not a ShotStream model folder (no {BUNDLE_FILE}); build one with "
                 "`python -m train.recipe` or pass preset= and weights= for the published model"
             )
-        preset = read_bundle_preset(marker)
+        preset = _read_bundle_preset(marker)
         transformer = ShotStreamTransformer.from_preset(preset.transformer)
         load_transformer_weights(transformer, folder / "transformer" / "diffusion_pytorch_model.safetensors")
         vae = VideoVAE.from_pretrained(str(folder), local_files_only=True)

@@ -200,7 +200,7 @@ def _from_dict(cls: type, values: dict, where: str):
         raise ValueError(f"{where}: unknown field(s) {unknown}")
     kwargs = {}
     for name, value in values.items():
-        if cls is ShotStreamPreset and name in _NESTED:
+        if name in _NESTED:  # only ShotStreamPreset has these fields
             value = _from_dict(_NESTED[name], value, f"{where}.{name}")
         kwargs[name] = tuple(value) if isinstance(value, list) else value  # JSON arrays are the tuple fields
     try:
