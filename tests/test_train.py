@@ -26,7 +26,7 @@ from shotstream.scheduler import FlowMatchTable
 from shotstream.text import TextEncoder, build_text_encoder, build_word_tokenizer
 from shotstream.transformer import ShotStreamTransformer
 from shotstream.vae import VideoVAE, build_vae
-from shotstream.video_io import write_mp4
+from shotstream.video_io import read_video, write_mp4
 from train.callbacks import PeriodicCheckpoint
 from train.conditioning import FrozenEncoders
 from train.config import DecoderStageConfig, OptimizerConfig, from_dict, load_config
@@ -37,6 +37,7 @@ from train.data import (
     read_rows,
     sample_clip_frames,
     shot_labels,
+    to_pixels,
     truncate_4k1,
 )
 from train.dmd import DMDDistillation
@@ -57,7 +58,15 @@ from train.ode_pairs import (
 from train.recipe import STAGES, Recipe
 from train.self_forcing import self_forcing_rollout
 from train.teacher import TeacherTuning
-from train.toy_encoders import DecoderTuning, VAETraining, VideoWindows, new_toy_vae, window_loader
+from train.toy_encoders import (
+    DecoderTuning,
+    ShotFrames,
+    VAETraining,
+    VideoWindows,
+    new_toy_vae,
+    start_video_as_images,
+    window_loader,
+)
 
 MICRO = dataclasses.replace(TINY, frames_per_shot=6, transformer=dataclasses.replace(TINY.transformer, num_layers=1))
 CONFIGS = Path(__file__).parents[1] / "train" / "configs"
@@ -312,15 +321,47 @@ def test_teacher_ema_exports_the_averaged_weights(csv_path, tmp_path):
 
 def test_vae_decoder_steps_leave_the_encoder_untouched(csv_path):
     """The last `decoder_steps` train the decoder alone, so latents encoded before them stay valid."""
-    steps = dataclasses.replace(CONFIG.encoders_stage.steps, max_steps=2)
-    config = dataclasses.replace(CONFIG.encoders_stage, clip_frames=5, image_steps=0, decoder_steps=1, steps=steps)
-    module, snapshots = VAETraining(new_toy_vae(MICRO, seed=0), config, seed=0), Snapshots()
+    stage = CONFIG.encoders_stage
+    module = VAETraining(new_toy_vae(MICRO, seed=0), stage.optimizer, stage.kl_weight, decoder_from=1, seed=0)
+    snapshots = Snapshots()
     windows = window_loader(VideoWindows(csv_path, MICRO, clip_frames=5), batch_size=1, seed=0, num_workers=0)
     trainer(max_steps=2, callbacks=[snapshots]).fit(module, train_dataloaders=windows)
     before, joint, decoder_only = snapshots.states
     assert changed(before, joint, "vae.encoder.") != set()
     decoder = changed(joint, decoder_only, "vae.decoder.") | changed(joint, decoder_only, "vae.post_quant_conv.")
     assert decoder != set() and changed(joint, decoder_only) == decoder
+
+
+def test_video_path_starts_as_the_image_path(csv_path):
+    """After `start_video_as_images`, latent frame k of a clip encodes frame 4k alone and decodes to 4 copies of it.
+
+    The image path (what the image fit trained) is unchanged by it.
+    """
+    vae = new_toy_vae(MICRO, seed=0).eval()
+    clip = VideoWindows(csv_path, MICRO, clip_frames=9)[0][None]  # (1, 3, 9, H, W)
+    with torch.no_grad():
+        image_latent = vae.encode(clip[:, :, 4:5]).latent_dist.mean
+        video_latents = vae.encode(clip).latent_dist.mean
+        assert not torch.allclose(video_latents[:, :, 1:2], image_latent, atol=1e-3)  # random taps mix frames
+        start_video_as_images(vae)
+        torch.testing.assert_close(vae.encode(clip[:, :, 4:5]).latent_dist.mean, image_latent)
+        latents = vae.encode(clip).latent_dist.mean  # (1, 16, 3, h, w)
+        video = vae.decode(latents).sample  # (1, 3, 9, H, W)
+        for k in range(3):
+            frame = clip[:, :, 4 * k : 4 * k + 1]
+            torch.testing.assert_close(latents[:, :, k : k + 1], vae.encode(frame).latent_dist.mean, atol=1e-5, rtol=0)
+            image = vae.decode(latents[:, :, k : k + 1]).sample  # (1, 3, 1, H, W)
+            first = max(4 * k - 3, 0)
+            torch.testing.assert_close(video[:, :, first : 4 * k + 1], image.expand(-1, -1, 4 * k + 1 - first, -1, -1),
+                                       atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_shot_frames_are_every_4th_frame_as_images(csv_path):
+    frames = ShotFrames(csv_path, MICRO)
+    videos = [read_video(row.video_path) for row in read_rows(csv_path)]
+    assert len(frames) == sum(len(v[::4]) for v in videos)
+    second = len(videos[0][::4]) + 1  # frame 4 of the second video
+    torch.testing.assert_close(frames[second], to_pixels(videos[1][4:5], MICRO.height, MICRO.width).permute(1, 0, 2, 3))
 
 
 def test_decoder_tuning_trains_the_decoder_alone(csv_path):
@@ -477,7 +518,9 @@ def test_recipe_runs_every_training_stage_in_order(tmp_path):
         encoders=str(tmp_path / "encoders"),
         data=dataclasses.replace(CONFIG.data, csv_path=str(tmp_path / "data" / "data.csv"), num_workers=0),
         toy_data=dataclasses.replace(CONFIG.toy_data, stories=2, max_shots=2),
-        encoders_stage=dataclasses.replace(CONFIG.encoders_stage, clip_frames=5, steps=steps),
+        encoders_stage=dataclasses.replace(
+            CONFIG.encoders_stage, image_batch_size=2, image_steps=1, clip_frames=5, decoder_steps=0, steps=steps
+        ),
         vae_decoder=DecoderStageConfig(
             5, batch_size=1, image_steps=0, optimizer=CONFIG.encoders_stage.optimizer, steps=steps
         ),

@@ -94,15 +94,21 @@ class ToyDataConfig:
 
 @dataclass(frozen=True)
 class EncodersStageConfig:
-    """Stage 0, toy world only: train the tiny VAE (the text encoder is a fixed random UMT5)."""
+    """Stage 0, toy world only: train the tiny VAE (the text encoder is a fixed random UMT5).
 
-    clip_frames: int  # 4k + 1 frames per training window
-    batch_size: int  # windows per step (on CPU, batches of >= 2 take oneDNN's conv3d: ~3x the windows/s of 1)
-    image_steps: int  # the first steps train on every 4th frame as 1-frame clips (the spatial path, ~5x cheaper)
-    decoder_steps: int  # the last steps train the decoder alone on the frozen encoder's posterior means
+    Two fits: `image_steps` on single frames (`image_batch_size` scenes a step, `image_optimizer`), then
+    `steps` on windows of `clip_frames` frames, started with the video path equal to the image path.
+    """
+
+    image_batch_size: int  # frames per image step, each from anywhere in the training videos
+    image_steps: int  # the first fit: the spatial path, ~20x cheaper per step than a 33-frame window
+    image_optimizer: OptimizerConfig
+    clip_frames: int  # 4k + 1 frames per training window of the video fit
+    batch_size: int  # windows per video step (on CPU, batches of >= 2 take oneDNN's conv3d: ~3x the windows/s of 1)
+    decoder_steps: int  # the last video steps train the decoder alone on the frozen encoder's posterior means
     kl_weight: float
     optimizer: OptimizerConfig
-    steps: StepsConfig
+    steps: StepsConfig  # the video fit
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ the toy world makes both itself (stages `toy_data` and `encoders`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -53,11 +54,13 @@ from .ode_pairs import ODEPairDataModule, ODEPairWriter, TeacherSampling, rows_t
 from .teacher import TeacherTuning
 from .toy_encoders import (
     DecoderTuning,
+    ShotFrames,
     VAETraining,
     VideoWindows,
     build_toy_text_encoder,
     finish_encoders,
     new_toy_vae,
+    start_video_as_images,
     window_loader,
 )
 from .toy_export import export_stories
@@ -123,19 +126,23 @@ class Recipe:
             raise FileNotFoundError(f"train.toy_export wrote no {csv_path}: data.csv_path must end in data.csv")
 
     def train_encoders(self) -> None:
-        """Stage 0: train the tiny VAE, then write it with the random text encoder into `encoders`."""
-        cfg, stage = self.config, self.config.encoders_stage
+        """Stage 0: train the tiny VAE on images, then on windows; write it with the random text encoder."""
+        cfg, stage, folder = self.config, self.config.encoders_stage, self.out / "encoders"
+        vae = new_toy_vae(self.preset, cfg.seed)
+        images = VAETraining(vae, stage.image_optimizer, stage.kl_weight, decoder_from=None, seed=cfg.seed)
+        image_steps = dataclasses.replace(stage.steps, max_steps=stage.image_steps)
+        frames = window_loader(ShotFrames(cfg.data.csv_path, self.preset), stage.image_batch_size, cfg.seed, 0)
+        build_trainer(cfg.system, image_steps, folder / "images").fit(images, frames, ckpt_path="last")
+        start_video_as_images(vae)  # overwritten by `last.ckpt` when the video fit resumes
+        decoder_from = stage.steps.max_steps - stage.decoder_steps
+        video = VAETraining(vae, stage.optimizer, stage.kl_weight, decoder_from, cfg.seed)
+        trainer = build_trainer(cfg.system, stage.steps, folder / "video")
         windows = VideoWindows(cfg.data.csv_path, self.preset, stage.clip_frames)
-        module = VAETraining(new_toy_vae(self.preset, cfg.seed), stage, cfg.seed)
-        trainer = build_trainer(cfg.system, stage.steps, self.out / "encoders")
-        trainer.fit(
-            module,
-            train_dataloaders=window_loader(windows, stage.batch_size, cfg.seed, cfg.data.num_workers),
-            ckpt_path="last",
-        )
+        loader = window_loader(windows, stage.batch_size, cfg.seed, cfg.data.num_workers)
+        trainer.fit(video, loader, ckpt_path="last")
         if trainer.is_global_zero:
             text = build_toy_text_encoder(self.preset, cfg.seed)
-            finish_encoders(module.vae, text, windows, Path(cfg.encoders))
+            finish_encoders(vae, text, windows, Path(cfg.encoders))
         trainer.strategy.barrier("encoders")
 
     def tune_decoder(self) -> None:
