@@ -129,11 +129,12 @@ class Recipe:
         """Stage 0: train the tiny VAE on images, then on windows; write it with the random text encoder."""
         cfg, stage, folder = self.config, self.config.encoders_stage, self.out / "encoders"
         vae = new_toy_vae(self.preset, cfg.seed)
-        images = VAETraining(vae, stage.image_optimizer, stage.kl_weight, decoder_from=None, seed=cfg.seed)
-        image_steps = dataclasses.replace(stage.steps, max_steps=stage.image_steps)
-        frames = window_loader(ShotFrames(cfg.data.csv_path, self.preset), stage.image_batch_size, cfg.seed, 0)
-        build_trainer(cfg.system, image_steps, folder / "images").fit(images, frames, ckpt_path="last")
-        start_video_as_images(vae)  # overwritten by `last.ckpt` when the video fit resumes
+        if not (folder / "video" / "checkpoints" / "last.ckpt").exists():  # else the video fit resumes from it
+            images = VAETraining(vae, stage.image_optimizer, stage.kl_weight, decoder_from=None, seed=cfg.seed)
+            image_steps = dataclasses.replace(stage.steps, max_steps=stage.image_steps)
+            frames = window_loader(ShotFrames(cfg.data.csv_path, self.preset), stage.image_batch_size, cfg.seed, 0)
+            build_trainer(cfg.system, image_steps, folder / "images").fit(images, frames, ckpt_path="last")
+            start_video_as_images(vae)
         decoder_from = stage.steps.max_steps - stage.decoder_steps
         video = VAETraining(vae, stage.optimizer, stage.kl_weight, decoder_from, cfg.seed)
         trainer = build_trainer(cfg.system, stage.steps, folder / "video")

@@ -73,15 +73,14 @@ class ShotFrames(Dataset):
     """
 
     def __init__(self, csv_path: str | Path, preset: ShotStreamPreset) -> None:
-        frames = [read_video(row.video_path)[::4] for row in read_rows(csv_path)]
-        self.frames = torch.from_numpy(np.concatenate(frames))  # uint8 (N, H0, W0, 3)
+        self.frames = np.concatenate([read_video(row.video_path)[::4] for row in read_rows(csv_path)])  # (N, H0, W0, 3)
         self.preset = preset
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        frame = self.frames[index : index + 1].numpy()
+        frame = self.frames[index : index + 1]  # uint8 (1, H0, W0, 3)
         return to_pixels(frame, self.preset.height, self.preset.width).permute(1, 0, 2, 3)  # (3, 1, H, W)
 
 
